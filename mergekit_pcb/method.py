@@ -124,7 +124,8 @@ class PCBMerge(GroupMergeMethod):
             tau, coefficients,
             pcb_ratio=params["pcb_ratio"], clamp_ratio=params["clamp_ratio"],
         )
-        return base_work.add_(merged, alpha=params["lambda"]).reshape(base.shape).to(base.dtype)
+        # Out of place: base_work may alias the caller's tensor when it is already float32.
+        return torch.add(base_work, merged, alpha=params["lambda"]).reshape(base.shape).to(base.dtype)
 
 
 pcb = PCBMerge()
