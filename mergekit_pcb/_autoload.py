@@ -11,10 +11,16 @@ import sys
 
 OPT_OUT_VARIABLE = "MERGEKIT_PCB_NO_AUTOLOAD"
 _REGISTRY = "mergekit.merge_methods.registry"
+_GENOME = "mergekit.evo.genome"
 
 
 def register() -> None:
     """Register ``pcb`` with mergekit (importing it); safe to call any number of times."""
+    method = sys.modules.get("mergekit_pcb.method")
+    if method is not None and not hasattr(method, "pcb"):
+        # method.py is mid-import (its own mergekit import loaded the registry and fired
+        # the hook); it calls register() itself once ``pcb`` exists.
+        return
     from mergekit.merge_methods import registry
 
     from mergekit_pcb.method import pcb
@@ -23,11 +29,23 @@ def register() -> None:
         registry.register(pcb)
 
 
-class _AfterRegistryFinder:
-    """Finds the registry through the other finders and registers after it executes."""
+def patch_genome() -> None:
+    """Let ``mergekit-evolve``'s genome accept ``merge_method: pcb`` (see evolve_compat)."""
+    module = sys.modules.get(_GENOME)
+    if module is not None and hasattr(module, "ModelGenome"):  # skip a half-imported module
+        from mergekit_pcb.evolve_compat import patch
+
+        patch(module)
+
+
+class _AfterImportFinder:
+    """Finds one module through the other finders and runs ``action`` after it executes."""
+
+    def __init__(self, name: str, action):
+        self.name, self.action = name, action
 
     def find_spec(self, fullname, path=None, target=None):
-        if fullname != _REGISTRY:
+        if fullname != self.name:
             return None
         for finder in sys.meta_path:
             if finder is self or not hasattr(finder, "find_spec"):
@@ -41,21 +59,30 @@ class _AfterRegistryFinder:
 
         def exec_module(module):
             original(module)
-            register()
+            self.action()
 
         spec.loader.exec_module = exec_module
         return spec
 
 
-_FINDER = _AfterRegistryFinder()
+_FINDER = _AfterImportFinder(_REGISTRY, register)
+_GENOME_FINDER = _AfterImportFinder(_GENOME, patch_genome)
 
 
 def arm() -> None:
-    """Register now if mergekit's registry is loaded, else on its first import."""
-    if _REGISTRY in sys.modules:
-        register()
-    elif _FINDER not in sys.meta_path:
-        sys.meta_path.insert(0, _FINDER)
+    """Act now for modules already loaded, else on their first import.
+
+    ``mergekit-evolve`` imports the genome before the registry, so by the time the
+    ``.pth`` trigger fires (on the registry) the genome is loaded and patched here.
+    """
+    for name, action, finder in (
+        (_REGISTRY, register, _FINDER),
+        (_GENOME, patch_genome, _GENOME_FINDER),
+    ):
+        if name in sys.modules:
+            action()
+        elif finder not in sys.meta_path:
+            sys.meta_path.insert(0, finder)
 
 
 def triggered(fullname, path=None, target=None):

@@ -18,7 +18,9 @@ from mergekit.merge_methods.base import (
 )
 from pydantic import ValidationError
 
-from mergekit_pcb.kernel import compute_dtype, pcb_task_vector
+from mergekit_pcb import _autoload
+from mergekit_pcb.kernel import combine, compute_dtype, drop_weights, pcb_task_vector, scores
+from mergekit_pcb.scope import model as model_scope
 
 NAME = "pcb"
 PRETTY_NAME = "PCB"
@@ -84,6 +86,7 @@ PARAMETERS = (
         description="per-model task coefficient",
         allowed="a finite number, this model's task coefficient",
     ),
+    model_scope.PCB_SCOPE,
 )
 
 
@@ -99,6 +102,28 @@ def check_finite(group: TensorGroup) -> None:
             )
 
 
+def canonical_order(entries, weights) -> list:
+    """The experts sorted by content, so the result never depends on model order.
+
+    Float sums over models depend on their order in the last bit; a content key
+    (sum, norm, coefficient) fixes one order for any permutation of the inputs.
+    Entries equal in all three are, in practice, identical tensors, whose order
+    cannot matter. Content comes first so the order does not change with the
+    coefficients: the evolutionary search caches T~/B once per tensor in this
+    order and varies only the coefficients (mergekit_pcb.evolve.cache).
+    """
+
+    def key(entry):
+        tensor = entry.tensor
+        return (
+            float(tensor.sum(dtype=torch.float64)),
+            float(torch.linalg.vector_norm(tensor, dtype=torch.float64)),
+            float(weights[entry.id]),
+        )
+
+    return sorted(entries, key=key)
+
+
 class PCBMerge(GroupMergeMethod):
     spec = MergeMethodSpec(
         name=NAME,
@@ -108,24 +133,80 @@ class PCBMerge(GroupMergeMethod):
         contract=InputContract(base=BasePolicy.REQUIRED, min_non_base=1),
     )
 
+    def validate_inputs(self, input_ids, base_id=None, *, group_name=None) -> None:
+        # mergekit's own message ("requires a base input") never names the config key.
+        if base_id is None:
+            where = f" (for {group_name})" if group_name else ""
+            raise ValueError(
+                f"pcb: 'base_model' is missing{where}; allowed: set base_model to the model "
+                "the others were fine-tuned from (task vectors are taken against it)"
+            )
+        super().validate_inputs(input_ids, base_id, group_name=group_name)
+
     def merge_group(self, group: TensorGroup, /, **params: Any) -> torch.Tensor:
-        check_finite(group)
-        base = group.base.tensor
-        experts = group.non_base
-        work = compute_dtype(base.dtype)
-        base_work = base.to(work).reshape(-1)
-        tau = torch.stack([e.tensor.to(work).reshape(-1) for e in experts]).sub_(base_work)
-        if not tau.any():
+        if params["pcb_scope"] == "model":
+            # First, so the statistics passes (run by the first call) hold no tau of ours.
+            stats = model_scope.statistics(NAME, prepare)
+        prepared = prepare(group, params)
+        base, experts, tau = group.base.tensor, prepared.experts, prepared.tau
+        if prepared.unchanged:
             return base
         coefficients = torch.tensor(
-            [params["weight"][e.id] for e in experts], dtype=work, device=tau.device
+            [params["weight"][e.id] for e in experts], dtype=tau.dtype, device=tau.device
         )
-        merged = pcb_task_vector(
-            tau, coefficients,
-            pcb_ratio=params["pcb_ratio"], clamp_ratio=params["clamp_ratio"],
-        )
+        if params["pcb_scope"] == "model":
+            bounds, threshold, top = model_scope.stats_tensors(
+                stats, experts, tau.dtype, tau.device
+            )
+            clipped, score = scores(tau, bounds)
+            weights = drop_weights(
+                score, params["pcb_ratio"], threshold=threshold, top=top, out=score
+            )
+            merged = combine(clipped, weights, coefficients, consume=True)
+        else:
+            merged = pcb_task_vector(
+                tau, coefficients,
+                pcb_ratio=params["pcb_ratio"], clamp_ratio=params["clamp_ratio"],
+            )
         # Out of place: base_work may alias the caller's tensor when it is already float32.
-        return torch.add(base_work, merged, alpha=params["lambda"]).reshape(base.shape).to(base.dtype)
+        return (
+            torch.add(prepared.base, merged, alpha=params["lambda"])
+            .reshape(base.shape)
+            .to(base.dtype)
+        )
+
+
+def prepare(group: TensorGroup, params: dict) -> model_scope.Prepared:
+    """Flattened base and task vectors in the compute dtype, experts in canonical order.
+
+    Shared by merge_group and the model-scope statistics passes, which must see
+    bit-identical task vectors (in the same row order) for the cut to be exact.
+    Finiteness is checked on tau: one cheap reduction, since NaN/Inf in any input
+    reaches tau; only then is the slow per-input scan run to name the culprit.
+    """
+    base = group.base.tensor
+    experts = canonical_order(group.non_base, params["weight"])
+    work = compute_dtype(base.dtype)
+    base_work = base.to(work).reshape(-1)
+    # Convert each expert straight into its row (same floats as stacking converted copies,
+    # without n temporaries and a second copy).
+    tau = torch.empty((len(experts), base.numel()), dtype=work, device=base.device)
+    for row, entry in zip(tau, experts, strict=True):
+        row.copy_(entry.tensor.reshape(-1))
+    tau.sub_(base_work)
+    extremes = torch.stack([tau.amax(), tau.amin()]) if tau.numel() else torch.zeros(2)
+    if not bool(torch.isfinite(extremes).all()):
+        check_finite(group)
+        raise ValueError(
+            f"pcb: tensor '{group.metadata.name}': a task vector overflows {work} "
+            "(model minus base_model exceeds its range); allowed: differences representable "
+            f"in {work} (set dtype: float64)"
+        )
+    return model_scope.Prepared(tuple(experts), base_work, tau, not bool(extremes.any()))
 
 
 pcb = PCBMerge()
+
+# Importing this module first (``from mergekit_pcb.method import pcb``) loads mergekit's
+# registry, whose hook cannot register a half-initialized module: register here.
+_autoload.register()

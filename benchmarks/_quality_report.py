@@ -1,0 +1,283 @@
+"""Statistics and outputs of the quality benchmark: results.json, RESULTS.md, quality.png."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+NOTES = HERE / "_quality_notes.md"
+
+
+def bootstrap_difference(per_seed: list[dict], a: str, b: str, resamples: int) -> dict:
+    """Paired bootstrap of normalised accuracy (a − b) in points, over test examples.
+
+    Both methods are scored on the same examples, so resampling examples (within
+    each task, the same draw for every seed and both methods) keeps the pairing and
+    measures how much of the gap the finite test set alone could produce.
+    """
+    generator = torch.Generator().manual_seed(12345)
+    tasks = list(per_seed[0]["own_test"])
+    n = len(per_seed[0]["methods"][a]["hits"][tasks[0]])
+    total = torch.zeros(resamples, dtype=torch.float64)
+    point = 0.0
+    for task in tasks:
+        idx = torch.randint(n, (resamples, n), generator=generator)
+        for seed in per_seed:
+            own = seed["own_test"][task]
+            diff = (
+                seed["methods"][a]["hits"][task].double()
+                - seed["methods"][b]["hits"][task].double()
+            ) / own
+            total += diff[idx].mean(1)
+            point += float(diff.mean())
+    scale = 100.0 / (len(tasks) * len(per_seed))
+    total *= scale
+    lo, hi = torch.quantile(total, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return {"points": point * scale, "ci95": [lo, hi], "resamples": resamples}
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def summarize(result: dict) -> dict:
+    """The machine-readable results: no per-example data, everything a reader needs."""
+    seeds = result["per_seed"]
+    tasks = list(seeds[0]["own_test"])
+    base_acc = {t: float(h.float().mean()) for t, h in result["base_test_hits"].items()}
+    base_norm = [s["base_normalized"] for s in seeds]
+    summary = {
+        "command": result.get("command"),
+        "regime": result["regime"],
+        "machine": result["machine"],
+        "wall_seconds": round(result["wall_seconds"], 1),
+        "train_seconds": round(result["train_seconds"], 1),
+        "recorded_train_seconds": result.get("recorded_train_seconds"),
+        "cache_dir": result["cache_dir"],
+        "tasks": tasks,
+        "skipped_methods": result["skipped_methods"],
+        "base": {
+            "normalized_mean": _mean_std(base_norm)[0],
+            "normalized_std": _mean_std(base_norm)[1],
+            "per_task": base_acc,
+        },
+        "experts": {
+            "normalized_mean": 1.0,
+            "normalized_std": 0.0,
+            "per_task": {t: statistics.fmean(s["own_test"][t] for s in seeds) for t in tasks},
+            "per_task_std": {t: _mean_std([s["own_test"][t] for s in seeds])[1] for t in tasks},
+            # Seed 0's experts on every task: the forgetting inside each task vector.
+            "cross_seed0": seeds[0]["cross"],
+        },
+        "methods": {},
+        "comparisons": result["comparisons"],
+    }
+    base_mean = summary["base"]["normalized_mean"]
+    for label in seeds[0]["methods"]:
+        rows = [s["methods"][label] for s in seeds]
+        norm_mean, norm_std = _mean_std([r["test_normalized"] for r in rows])
+        summary["methods"][label] = {
+            "normalized_mean": norm_mean,
+            "normalized_std": norm_std,
+            "per_seed_normalized": [r["test_normalized"] for r in rows],
+            "per_task": {t: statistics.fmean(r["test_per_task"][t] for r in rows) for t in tasks},
+            "chosen": [{"seed": s["seed"], **s["methods"][label]["chosen"]} for s in seeds],
+            "val_normalized": [r["val_normalized"] for r in rows],
+            # Share of the experts' gain over the base that the merge keeps.
+            "gain_kept": (norm_mean - base_mean) / (1.0 - base_mean) if base_mean < 1 else None,
+            "sweep_seed0": [
+                {**row["params"], "val_normalized": round(row["val_normalized"], 4)}
+                for row in rows[0]["sweep"]
+            ],
+        }
+    return summary
+
+
+def _seconds(x: float | None) -> str:
+    return "not recorded" if x is None else f"{x:.0f} s"
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
+def _tuned(chosen: list[dict]) -> str:
+    keys = [k for k in chosen[0] if k not in ("seed", "weight", "normalize")]
+    if not keys:
+        return "none (plain average)"
+    return "; ".join(
+        ", ".join(f"{k}={c[k]:g}" if isinstance(c[k], float) else f"{k}={c[k]}" for k in keys)
+        for c in chosen
+    )
+
+
+def summary_table(summary: dict) -> str:
+    """The table both RESULTS.md and the README show."""
+    tasks = summary["tasks"]
+    head = (
+        "| model | normalised acc. (mean ± std) | " + " | ".join(tasks) + " | chosen (per seed) |"
+    )
+    rule = "|" + "---|" * (len(tasks) + 3)
+    lines = [head, rule]
+    b = summary["base"]
+    lines.append(
+        f"| base | {_pct(b['normalized_mean'])} ± {_pct(b['normalized_std'])} | "
+        + " | ".join(_pct(b["per_task"][t]) for t in tasks)
+        + " | - |"
+    )
+    e = summary["experts"]
+    lines.append(
+        "| experts (each on its own task) | 100.0 | "
+        + " | ".join(_pct(e["per_task"][t]) for t in tasks)
+        + " | - |"
+    )
+    for label, m in sorted(summary["methods"].items(), key=lambda kv: -kv[1]["normalized_mean"]):
+        lines.append(
+            f"| {label} | {_pct(m['normalized_mean'])} ± {_pct(m['normalized_std'])} | "
+            + " | ".join(_pct(m["per_task"][t]) for t in tasks)
+            + f" | {_tuned(m['chosen'])} |"
+        )
+    return "\n".join(lines)
+
+
+def comparison_lines(summary: dict) -> str:
+    out = []
+    for name, c in summary["comparisons"].items():
+        lo, hi = c["ci95"]
+        out.append(
+            f"- {name}: {c['points']:+.2f} points of normalised accuracy, paired bootstrap 95% "
+            f"interval [{lo:+.2f}, {hi:+.2f}] ({c['resamples']} resamples of the test examples)"
+        )
+    return "\n".join(out)
+
+
+def markdown(summary: dict) -> str:
+    r = summary["regime"]
+    m = summary["machine"]
+    cross = summary["experts"]["cross_seed0"]
+    tasks = summary["tasks"]
+    cross_rows = [
+        "| expert \\ task | " + " | ".join(tasks) + " |",
+        "|" + "---|" * (len(tasks) + 1),
+        *(f"| {e} | " + " | ".join(_pct(cross[e][t]) for t in tasks) + " |" for e in tasks),
+    ]
+    gains = "\n".join(
+        f"- {label}: {_pct(v['gain_kept'])}% of the experts' gain over the base"
+        for label, v in summary["methods"].items()
+        if v["gain_kept"] is not None
+    )
+    parts = [
+        "# Merge quality: PCB against mergekit's methods on tiny algorithmic experts",
+        "",
+        "Generated by `benchmarks/quality.py`; edit `benchmarks/_quality_notes.md` for the prose "
+        "at the end, not this file.",
+        "",
+        f"Command: `{summary['command']}`  ",
+        f"Wall time: {summary['wall_seconds']:.0f} s, of which training "
+        f"{summary['train_seconds']:.0f} s (0 when the checkpoints came from the cache; "
+        "recorded cost of the cached training: "
+        f"{_seconds(summary.get('recorded_train_seconds'))})  ",
+        f"Machine: {m['platform']}, {m['cpu_count']} CPUs, torch {m['torch']} with "
+        f"{m['torch_threads']} thread(s), Python {m['python']}",
+        "",
+        "## Result (test split, exact match in %)",
+        "",
+        f"Normalised accuracy = merged accuracy / the expert's own accuracy, per task, averaged "
+        f"over {len(tasks)} tasks; mean ± std over {len(r['seeds'])} seed(s) of experts. "
+        f"{r['n_test']} test examples per task; values chosen on {r['n_val']} validation "
+        "examples per task.",
+        "",
+        summary_table(summary),
+        "",
+        comparison_lines(summary),
+        "",
+        "Share of the experts' gain over the base kept by each merge "
+        "((merged − base) / (experts − base), normalised):",
+        "",
+        gains,
+        "",
+        "## Setup",
+        "",
+        f"- Tasks: {', '.join(tasks)} (see `mergekit_pcb/toy.py`); one format `T:DIGITS=ANSWER`.",
+        f"- Model: Llama, hidden {r['hidden_size']}, {r['num_layers']} layers, "
+        f"{r['num_heads']} heads, random init, character tokenizer.",
+        f"- Base: {r['base_steps']} AdamW steps at lr {r['base_lr']:g} on an equal mixture of "
+        "all tasks (batch {0}).".format(r["batch_size"]),
+        f"- Experts: {r['expert_steps']} steps at lr {r['expert_lr']:g} on one task each, "
+        f"trainable parameters: {r['expert_trainable'] or 'all'}; seeds {list(r['seeds'])} "
+        "change the experts' data and order.",
+        f"- Tuning grid, the same for every method: scale (`lambda`) in {list(r['scales'])}; "
+        f"kept fraction (TIES/DARE `density`, PCB `pcb_ratio`) in {list(r['densities'])}. "
+        "`linear` is the plain average of the experts (nothing to tune). PCB's `clamp_ratio` "
+        "stays at its default.",
+        "- Skipped (not available in this checkout): "
+        + (", ".join(summary["skipped_methods"]) or "none"),
+        "",
+        "## Each expert on every task (seed 0, test exact match in %)",
+        "",
+        *cross_rows,
+        "",
+        "![normalised accuracy](quality.png)",
+        "",
+    ]
+    if NOTES.exists():
+        parts += [NOTES.read_text().rstrip(), ""]
+    return "\n".join(parts)
+
+
+def plot(summary: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [("base", summary["base"]["normalized_mean"], summary["base"]["normalized_std"])]
+    rows += sorted(
+        ((k, v["normalized_mean"], v["normalized_std"]) for k, v in summary["methods"].items()),
+        key=lambda row: row[1],
+    )
+    rows.append(("experts", 1.0, 0.0))
+    fig, ax = plt.subplots(figsize=(8, 4))
+    names = [r[0] for r in rows]
+    colors = [
+        "tab:red" if n.startswith("pcb") else "tab:gray" if n in ("base", "experts") else "tab:blue"
+        for n in names
+    ]
+    values = [100 * r[1] for r in rows]
+    bars = ax.bar(names, values, yerr=[100 * r[2] for r in rows], color=colors, capsize=4)
+    ax.bar_label(bars, labels=[f"{v:.1f}" for v in values], padding=2, fontsize=8)
+    # The methods differ by tenths of a point: a zero-based axis would hide them.
+    low = max(0.0, 5 * (min(values) // 5) - 5)
+    ax.set_ylabel(f"normalised exact match (%), axis from {low:g}")
+    ax.set_title(
+        f"Merging {len(summary['tasks'])} tiny experts "
+        f"({len(summary['regime']['seeds'])} seed(s), test split, mean ± std)"
+    )
+    ax.set_ylim(low, 101.5)
+    plt.setp(ax.get_xticklabels(), rotation=25, ha="right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_outputs(result: dict, out_dir: Path, *, plot_png: bool = True) -> dict:
+    summary = summarize(result)
+    (out_dir / "results.json").write_text(json.dumps(summary, indent=1) + "\n")
+    (out_dir / "RESULTS.md").write_text(markdown(summary))
+    if plot_png:
+        plot(summary, out_dir / "quality.png")
+    return summary
+
+
+def rewrite_report(out_dir: Path, *, plot_png: bool = True) -> None:
+    path = out_dir / "results.json"
+    if not path.exists():
+        raise FileNotFoundError(f"--report-only: {path} does not exist; run the benchmark first")
+    summary = json.loads(path.read_text())
+    (out_dir / "RESULTS.md").write_text(markdown(summary))
+    if plot_png:
+        plot(summary, out_dir / "quality.png")

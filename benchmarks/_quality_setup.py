@@ -1,0 +1,236 @@
+"""The benchmark's regime (model, tasks, training) and the cached checkpoints it trains.
+
+Training is the slow part and is a pure function of the regime's training fields and
+the seed, so base and experts are cached under a key derived from exactly those
+fields; changing an evaluation setting (grid, split sizes) reuses them.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from mergekit_pcb import toy
+from mergekit_pcb.tiny import new_llama, tiny_llama_config
+
+CACHE_ENV = "MERGEKIT_PCB_BENCH_CACHE"
+# Bump when the training code changes in a way the regime's fields do not capture.
+TRAINING_VERSION = 1
+VAL_SEED, TEST_SEED = 10_001, 20_002
+
+
+@dataclass(frozen=True)
+class Regime:
+    """Everything that decides the numbers; RESULTS.md prints it verbatim."""
+
+    name: str
+    tasks: tuple[str, ...]
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    # Base: a short multi-task run, so it is decent but clearly below the experts.
+    base_steps: int
+    base_lr: float
+    # Experts: a short, gentle polish of the base on one task each.
+    expert_steps: int
+    expert_lr: float
+    expert_trainable: str | None
+    batch_size: int = 64
+    train_per_task: int = 4000
+    # Evaluation (not part of the cache key).
+    seeds: tuple[int, ...] = (0, 1, 2)
+    n_val: int = 300
+    n_test: int = 1000
+    scales: tuple[float, ...] = (0.15, 0.25, 0.35, 0.5, 0.7, 1.0, 1.4)
+    densities: tuple[float, ...] = (0.1, 0.2, 0.4, 0.7)
+    bootstrap: int = 2000
+    training_fields: tuple[str, ...] = field(
+        default=(
+            "tasks",
+            "hidden_size",
+            "num_layers",
+            "num_heads",
+            "base_steps",
+            "base_lr",
+            "expert_steps",
+            "expert_lr",
+            "expert_trainable",
+            "batch_size",
+            "train_per_task",
+        ),
+        repr=False,
+    )
+
+    def cache_key(self) -> str:
+        fields = {name: getattr(self, name) for name in self.training_fields}
+        fields["version"] = TRAINING_VERSION
+        # The task generators and the training loop live in toy.py: any edit retrains.
+        fields["toy"] = hashlib.sha256(Path(toy.__file__).read_bytes()).hexdigest()
+        blob = json.dumps(fields, sort_keys=True, default=list).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def describe(self) -> dict:
+        out = asdict(self)
+        out.pop("training_fields")
+        return out
+
+
+FULL = Regime(
+    name="full",
+    tasks=toy.DEFAULT_TASKS,
+    hidden_size=128,
+    num_layers=2,
+    num_heads=4,
+    base_steps=400,
+    base_lr=3e-3,
+    expert_steps=60,
+    expert_lr=1e-4,
+    expert_trainable=None,
+)
+QUICK = Regime(
+    name="quick",
+    tasks=("reverse", "sort", "rotate"),
+    hidden_size=128,
+    num_layers=2,
+    num_heads=4,
+    base_steps=300,
+    base_lr=3e-3,
+    expert_steps=60,
+    expert_lr=1e-4,
+    expert_trainable=None,
+    seeds=(0,),
+    n_val=150,
+    n_test=500,
+    scales=(0.25, 0.5, 1.0, 2.0),
+    densities=(0.1, 0.4),
+    bootstrap=500,
+)
+
+
+def cache_root() -> Path:
+    default = Path.home() / ".cache" / "mergekit-pcb-bench"
+    return Path(os.environ.get(CACHE_ENV, default)) / "quality"
+
+
+def model_config(regime: Regime, tokenizer):
+    longest = max(
+        len(ex.prompt) + len(ex.answer) + 2
+        for task in toy.TASKS
+        for ex in toy.make_examples(task, 200, 0)
+    )
+    return tiny_llama_config(
+        len(tokenizer),
+        hidden_size=regime.hidden_size,
+        num_layers=regime.num_layers,
+        num_heads=regime.num_heads,
+        max_position_embeddings=longest + 8,
+    )
+
+
+def splits(regime: Regime) -> tuple[list[toy.Example], list[toy.Example]]:
+    """Validation and test sets: fixed seeds far from any training seed."""
+    val = [ex for task in regime.tasks for ex in toy.make_examples(task, regime.n_val, VAL_SEED)]
+    test = [ex for task in regime.tasks for ex in toy.make_examples(task, regime.n_test, TEST_SEED)]
+    return val, test
+
+
+@dataclass
+class Family:
+    """A base and, per seed, one expert per task (all in memory, float32)."""
+
+    tokenizer: object
+    base: torch.nn.Module
+    experts: dict[int, dict[str, dict[str, torch.Tensor]]]  # seed -> task -> state dict
+    train_seconds: float
+    cache_dir: Path
+
+
+def _cached(path: Path, build) -> tuple[dict[str, torch.Tensor], float]:
+    """Load or train; the seconds returned are 0 on a cache hit (see recorded_seconds)."""
+    if path.exists():
+        return load_file(path), 0.0
+    start = time.perf_counter()
+    state = build()
+    seconds = time.perf_counter() - start
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file({k: v.contiguous() for k, v in state.items()}, tmp)
+    tmp.replace(path)
+    # Kept so a run from the cache can still report what the training cost.
+    path.with_suffix(".seconds").write_text(f"{seconds:.1f}\n")
+    return state, seconds
+
+
+def recorded_seconds(root: Path) -> float | None:
+    """Training seconds recorded when the cached checkpoints were made (None if unknown)."""
+    files = list(root.glob("*.safetensors"))
+    sidecars = [f.with_suffix(".seconds") for f in files]
+    if not files or not all(s.exists() for s in sidecars):
+        return None
+    return sum(float(s.read_text()) for s in sidecars)
+
+
+def build_family(regime: Regime, *, log=print) -> Family:
+    tokenizer = toy.toy_tokenizer()
+    config = model_config(regime, tokenizer)
+    root = cache_root() / regime.cache_key()
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "regime.json").write_text(json.dumps(regime.describe(), indent=1, default=list))
+    spent = 0.0
+
+    def train_base():
+        model = new_llama(config, seed=0)
+        data = toy.make_mixture(regime.tasks, regime.train_per_task, seed=0)
+        toy.train(
+            model,
+            tokenizer,
+            data,
+            steps=regime.base_steps,
+            lr=regime.base_lr,
+            batch_size=regime.batch_size,
+            seed=0,
+            warmup=50,
+        )
+        return model.state_dict()
+
+    state, seconds = _cached(root / "base.safetensors", train_base)
+    spent += seconds
+    log(f"base: trained in {seconds:.0f}s" if seconds else "base: from cache")
+    base = new_llama(config, seed=0)
+    base.load_state_dict(state)
+    base.eval()
+
+    experts: dict[int, dict[str, dict[str, torch.Tensor]]] = {}
+    for seed in regime.seeds:
+        experts[seed] = {}
+        for index, task in enumerate(regime.tasks):
+
+            def train_expert(task=task, seed=seed, index=index):
+                model = copy.deepcopy(base)
+                data = toy.make_examples(task, regime.train_per_task, 1000 * (seed + 1) + index)
+                toy.train(
+                    model,
+                    tokenizer,
+                    data,
+                    steps=regime.expert_steps,
+                    lr=regime.expert_lr,
+                    batch_size=regime.batch_size,
+                    seed=seed,
+                    warmup=10,
+                    trainable=regime.expert_trainable,
+                )
+                return model.state_dict()
+
+            state, seconds = _cached(root / f"expert-{task}-seed{seed}.safetensors", train_expert)
+            spent += seconds
+            experts[seed][task] = state
+        log(f"experts seed {seed}: ready")
+    return Family(tokenizer, base, experts, spent, root)

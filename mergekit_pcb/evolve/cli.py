@@ -1,0 +1,119 @@
+"""``mergekit-pcb evolve SEARCH.yml OUT_DIR``."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import click
+
+
+@click.command("evolve")
+@click.argument("search_yml", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Continue the search in OUT_DIR without re-scoring finished candidates.",
+)
+@click.option("--seed", type=int, default=None, help="Override optimizer.seed.")
+@click.option("--budget", type=int, default=None, help="Override optimizer.budget.")
+@click.option("--write-model", is_flag=True, help="Also merge the best config into OUT_DIR/model.")
+@click.option(
+    "--cache-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Where T~/B spill to disk (default: cache.dir, else OUT_DIR/cache).",
+)
+@click.option(
+    "--cache-memory-gb",
+    type=float,
+    default=None,
+    help="Override cache.memory_gb, the in-memory budget for T~/B.",
+)
+@click.option("--device", default=None, help="Override device (cpu, cuda, cuda:1, ...).")
+@click.option(
+    "--ray",
+    "use_ray",
+    is_flag=True,
+    help="Score each generation's candidates in parallel on Ray actors.",
+)
+@click.option("--ray-address", default=None, help="Join this Ray cluster instead of a local one.")
+@click.option("--ray-num-cpus", type=int, default=None, help="CPUs of the local Ray.")
+@click.option(
+    "--ray-actors",
+    type=int,
+    default=None,
+    help="Number of actors (default: one per CPU of the Ray cluster).",
+)
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@click.option("-v", "--verbose", is_flag=True, help="Log at INFO level.")
+def evolve(
+    search_yml: Path,
+    out_dir: Path,
+    resume: bool,
+    seed: int | None,
+    budget: int | None,
+    write_model: bool,
+    cache_dir: Path | None,
+    cache_memory_gb: float | None,
+    device: str | None,
+    use_ray: bool,
+    ray_address: str | None,
+    ray_num_cpus: int | None,
+    ray_actors: int | None,
+    no_progress: bool,
+    verbose: bool,
+) -> None:
+    """Search pcb_ratio, lambda and per-model weights with CMA-ES; write best.yml."""
+    from mergekit_pcb.evolve.config import EvolveConfigError, load_config
+    from mergekit_pcb.evolve.search import RunOptions, run_search
+
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        cfg = load_config(search_yml)
+        overrides = {}
+        if seed is not None or budget is not None:
+            opt = cfg.optimizer.model_copy(
+                update={k: v for k, v in (("seed", seed), ("budget", budget)) if v is not None}
+            )
+            if opt.seed < 0 or opt.budget < 1:
+                raise EvolveConfigError("--seed must be >= 0 and --budget >= 1")
+            overrides["optimizer"] = opt
+        if cache_dir is not None or cache_memory_gb is not None:
+            overrides["cache"] = cfg.cache.model_copy(
+                update={
+                    k: v
+                    for k, v in (
+                        ("dir", str(cache_dir.resolve()) if cache_dir else None),
+                        ("memory_gb", cache_memory_gb),
+                    )
+                    if v is not None
+                }
+            )
+        if device is not None:
+            overrides["device"] = device
+        cfg = cfg.model_copy(update=overrides)
+        options = RunOptions(
+            resume=resume,
+            write_model=write_model,
+            ray=use_ray or bool(ray_address),
+            ray_address=ray_address,
+            ray_num_cpus=ray_num_cpus,
+            ray_actors=ray_actors,
+            progress=not no_progress,
+            root=search_yml.resolve().parent,
+        )
+        report = run_search(cfg, out_dir, options)
+    except EvolveConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(
+        f"default {report['default_score']:.6g} -> best {report['best_score']:.6g} (search); "
+        f"test {report['default_test_score']} -> {report['best_test_score']}; "
+        f"wrote {out_dir / 'best.yml'}"
+    )
+    if report.get("warning"):
+        click.echo(f"warning: {report['warning']}", err=True)

@@ -1,0 +1,359 @@
+"""The search configuration (``SEARCH.yml``), validated completely before any model loads.
+
+A search runs for minutes to hours; a typo found after the cache is built wastes
+all of that. So every check that needs no weights happens here: unknown keys
+(with a did-you-mean), ranges and their domains, data files and each JSONL line,
+and the import of ``python`` task targets.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import importlib
+import json
+import math
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from mergekit_pcb.evolve.data import DataError, read_jsonl
+
+
+class EvolveConfigError(ValueError):
+    """A configuration problem, worded for the person who wrote the YAML."""
+
+
+class _Strict(BaseModel):
+    """Rejects unknown keys with a did-you-mean, which pydantic's own message lacks."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            known = set()
+            for name, field in cls.model_fields.items():
+                known.add(field.alias or name)
+            for key in data:
+                if key not in known and key not in cls.model_fields:
+                    close = difflib.get_close_matches(str(key), sorted(known), n=1)
+                    hint = f"; did you mean '{close[0]}'?" if close else ""
+                    raise ValueError(
+                        f"unknown key '{key}'{hint} (allowed: {', '.join(sorted(known))})"
+                    )
+        return data
+
+
+# Checked by _range (not by type) so the error names the parameter and its domain.
+RangeOrFixed = Any
+
+
+class Domain:
+    """A parameter's allowed values, used to check both ends of a searched range."""
+
+    def __init__(self, text: str, check: Callable[[float], bool]):
+        self.text, self.check = text, check
+
+
+DOMAINS = {
+    "pcb_ratio": Domain("a number in (0, 1]", lambda x: 0 < x <= 1),
+    "lambda": Domain("a finite number", math.isfinite),
+    "weight": Domain("a finite number", math.isfinite),
+}
+
+
+def _range(name: str, value: Any) -> tuple[float, float]:
+    """(low, high); a fixed number gives low == high (the value is not searched)."""
+    domain = DOMAINS[name]
+    if isinstance(value, bool):
+        raise ValueError(f"search.{name}: got {value!r}; allowed: {domain.text} or [low, high]")
+    if isinstance(value, (int, float)):
+        low = high = float(value)
+    elif (
+        isinstance(value, (list, tuple))
+        and len(value) == 2
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+    ):
+        low, high = float(value[0]), float(value[1])
+    else:
+        raise ValueError(
+            f"search.{name}: got {value!r}; allowed: one number ({domain.text}) "
+            "or a range [low, high]"
+        )
+    for end, x in (("low", low), ("high", high)):
+        if not domain.check(x):
+            raise ValueError(f"search.{name}: {end} end {x!r} is outside {domain.text}")
+    if low > high:
+        raise ValueError(f"search.{name}: range [{low}, {high}] has low > high")
+    return low, high
+
+
+class SearchSpace(_Strict):
+    pcb_ratio: RangeOrFixed = Field(default_factory=lambda: [0.02, 0.5])
+    lambda_: RangeOrFixed = Field(default_factory=lambda: [0.5, 2.0], alias="lambda")
+    weight: RangeOrFixed = Field(default_factory=lambda: [0.8, 1.3])
+    layer_groups: int = Field(default=1, ge=1)
+
+    @model_validator(mode="after")
+    def _ranges(self) -> SearchSpace:
+        for name in ("pcb_ratio", "lambda", "weight"):
+            self.range(name)
+        return self
+
+    def range(self, name: str) -> tuple[float, float]:
+        value = self.lambda_ if name == "lambda" else getattr(self, name)
+        return _range(name, value)
+
+
+class FixedParameters(_Strict):
+    """PCB parameters that are not searched; ``clamp_ratio`` shapes the cached scores."""
+
+    clamp_ratio: float = Field(default=1e-4, ge=0.0, lt=0.5)
+
+
+TaskType = Literal["loss", "exact_match", "choice", "lm_eval", "python"]
+NEEDS_DATA = ("loss", "exact_match", "choice")
+# Normalisation floors: a default score of 0 accuracy must not blow up the scale.
+DEFAULT_SCALE_FLOOR = {
+    "loss": 1e-6,
+    "exact_match": 0.05,
+    "choice": 0.05,
+    "lm_eval": 0.05,
+    "python": 1e-6,
+}
+
+
+class TaskSpec(_Strict):
+    name: str
+    type: TaskType
+    data: str | None = None
+    test_data: str | None = None
+    weight: float = Field(default=1.0, gt=0)
+    batch_size: int = Field(default=32, ge=1)
+    limit: int | None = Field(default=None, ge=1)
+    max_new_tokens: int | None = Field(default=None, ge=1)
+    function: str | None = None
+    test_function: str | None = None
+    lm_eval_tasks: list[str] | None = None
+    include_path: str | None = None
+    metric: str | None = None
+    higher_is_better: bool | None = None
+    scale_floor: float | None = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _fields_for_type(self) -> TaskSpec:
+        t = self.type
+        if t in NEEDS_DATA and not self.data:
+            raise ValueError(f"task '{self.name}' of type {t} needs 'data' (a JSONL file)")
+        if t == "python" and not self.function:
+            raise ValueError(f"task '{self.name}' of type python needs 'function: module:name'")
+        if t != "python" and (self.function or self.test_function):
+            raise ValueError(f"task '{self.name}': 'function' is only for type python")
+        if t == "lm_eval" and not self.lm_eval_tasks:
+            raise ValueError(f"task '{self.name}' of type lm_eval needs 'lm_eval_tasks: [names]'")
+        if t != "lm_eval" and (self.lm_eval_tasks or self.include_path or self.metric):
+            raise ValueError(
+                f"task '{self.name}': lm_eval_tasks/include_path/metric are only for type lm_eval"
+            )
+        if t in ("loss", "exact_match", "choice") and self.higher_is_better is not None:
+            raise ValueError(
+                f"task '{self.name}': higher_is_better is fixed for type {t}; "
+                "only python and lm_eval tasks take it"
+            )
+        return self
+
+    @property
+    def sign(self) -> float:
+        """+1 where higher is better; loss scores enter the objective flipped."""
+        if self.type == "loss":
+            return -1.0
+        return 1.0 if self.higher_is_better in (None, True) else -1.0
+
+    @property
+    def floor(self) -> float:
+        return self.scale_floor if self.scale_floor is not None else DEFAULT_SCALE_FLOOR[self.type]
+
+    @property
+    def has_test(self) -> bool:
+        if self.type == "python":
+            return self.test_function is not None
+        if self.type == "lm_eval":
+            return False
+        return self.test_data is not None
+
+
+class Evaluation(_Strict):
+    tasks: list[TaskSpec] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique(self) -> Evaluation:
+        names = [t.name for t in self.tasks]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"task names must be unique; repeated: {', '.join(dupes)}")
+        return self
+
+
+class Optimizer(_Strict):
+    budget: int = Field(default=60, ge=1)
+    popsize: int = Field(default=8, ge=2)
+    sigma: float = Field(default=0.2, gt=0, le=1)
+    seed: int = Field(default=0, ge=0)
+
+    @property
+    def generations(self) -> int:
+        """Whole generations only (CMA-ES updates per full population), at least one."""
+        return max(1, self.budget // self.popsize)
+
+
+class CacheOptions(_Strict):
+    memory_gb: float = Field(default=4.0, ge=0)
+    dir: str | None = None
+
+
+class EvolveConfig(_Strict):
+    base_model: str
+    models: list[str] = Field(min_length=1)
+    search: SearchSpace = Field(default_factory=SearchSpace)
+    parameters: FixedParameters = Field(default_factory=FixedParameters)
+    evaluation: Evaluation
+    optimizer: Optimizer = Field(default_factory=Optimizer)
+    dtype: Literal["float32", "float16", "bfloat16", "float64"] = "float32"
+    device: str = "cpu"
+    cache: CacheOptions = Field(default_factory=CacheOptions)
+    trust_remote_code: bool = False
+
+    @model_validator(mode="after")
+    def _distinct_models(self) -> EvolveConfig:
+        if len(set(self.models)) != len(self.models):
+            raise ValueError("models: each model may appear once")
+        if self.base_model in self.models:
+            raise ValueError("models: the base_model must not also be listed in models")
+        return self
+
+    def fingerprint(self) -> str:
+        """Identifies a search for --resume: everything except the optimizer budget."""
+        data = self.model_dump(mode="json", by_alias=True, exclude={"cache"})
+        data["optimizer"].pop("budget")
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _format(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        lines.append(f"  {where}: {msg}")
+    return "\n".join(lines)
+
+
+def _resolve(path: str, root: Path) -> str:
+    """Local paths are relative to the config file; hub ids pass through unchanged."""
+    candidate = Path(os.path.expanduser(path))
+    if not candidate.is_absolute():
+        candidate = root / candidate
+    return str(candidate.resolve()) if candidate.exists() else path
+
+
+def import_target(target: str, root: Path | None = None) -> Callable:
+    """``module:function`` -> the callable; the config directory is importable."""
+    module_name, sep, attr = target.partition(":")
+    if not sep or not module_name or not attr:
+        raise EvolveConfigError(f"python target '{target}': expected 'module:function'")
+    if root is not None and str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # any import failure is the user's to fix, with the cause
+        raise EvolveConfigError(
+            f"python target '{target}': cannot import module '{module_name}': {exc}"
+        ) from exc
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise EvolveConfigError(
+            f"python target '{target}': module '{module_name}' has no callable '{attr}'"
+        )
+    return fn
+
+
+REQUIRED_FIELDS = {
+    "loss": ("text",),
+    "exact_match": ("prompt", "answer"),
+    "choice": ("prompt", "choices", "label"),
+}
+
+
+def load_config(path: os.PathLike, *, check_data: bool = True) -> EvolveConfig:
+    """Parse, validate and resolve paths; every error is an :class:`EvolveConfigError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise EvolveConfigError(f"search config '{path}' does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise EvolveConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise EvolveConfigError(f"{path}: expected a mapping at the top level")
+    try:
+        cfg = EvolveConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise EvolveConfigError(f"{path}: invalid search config:\n{_format(exc)}") from None
+    root = path.resolve().parent
+    tasks = []
+    for task in cfg.evaluation.tasks:
+        update = {}
+        for key in ("data", "test_data", "include_path"):
+            value = getattr(task, key)
+            if value is not None:
+                resolved = Path(_resolve(value, root))
+                if not resolved.exists():
+                    raise EvolveConfigError(
+                        f"task '{task.name}': {key} file '{value}' does not exist "
+                        f"(relative paths are read from {root})"
+                    )
+                update[key] = str(resolved)
+        tasks.append(task.model_copy(update=update))
+    cfg = cfg.model_copy(
+        update={
+            "base_model": _resolve(cfg.base_model, root),
+            "models": [_resolve(m, root) for m in cfg.models],
+            "evaluation": cfg.evaluation.model_copy(update={"tasks": tasks}),
+            "cache": cfg.cache.model_copy(
+                update={"dir": _resolve(cfg.cache.dir, root) if cfg.cache.dir else None}
+            ),
+        }
+    )
+    if check_data:
+        for task in cfg.evaluation.tasks:
+            check_task(task, root)
+    return cfg
+
+
+def check_task(task: TaskSpec, root: Path) -> None:
+    """Reads every data line once, so a malformed line fails now, with file and line."""
+    if task.type in REQUIRED_FIELDS:
+        for key in ("data", "test_data"):
+            if getattr(task, key):
+                try:
+                    read_jsonl(getattr(task, key), task.type)
+                except DataError as exc:
+                    raise EvolveConfigError(f"task '{task.name}': {exc}") from None
+    elif task.type == "python":
+        import_target(task.function, root)
+        if task.test_function:
+            import_target(task.test_function, root)
+    elif task.type == "lm_eval":
+        try:
+            import lm_eval  # noqa: F401
+        except ImportError as exc:
+            raise EvolveConfigError(
+                f"task '{task.name}' of type lm_eval needs lm-evaluation-harness: "
+                "pip install 'mergekit-pcb[lm-eval]'"
+            ) from exc

@@ -1,0 +1,59 @@
+"""A loaded model plus scorers: writes a candidate's weights in place and scores it.
+
+The same class runs in the driver process and inside each Ray actor, so local
+and distributed searches score candidates identically.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from mergekit_pcb.evolve.cache import TensorCache
+from mergekit_pcb.evolve.candidate import ModelWriter
+from mergekit_pcb.evolve.config import EvolveConfig
+from mergekit_pcb.evolve.layout import Values
+from mergekit_pcb.evolve.tasks import checked, make_scorer
+
+
+def load_model(cfg: EvolveConfig):
+    from mergekit.common import dtype_from_name
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(
+        cfg.base_model, trust_remote_code=cfg.trust_remote_code
+    )
+    model = AutoModelForCausalLM.from_pretrained(
+        cfg.base_model, dtype=dtype_from_name(cfg.dtype), trust_remote_code=cfg.trust_remote_code
+    ).to(cfg.device)
+    model.eval()
+    return model, tokenizer
+
+
+class Evaluator:
+    def __init__(self, cfg: EvolveConfig, cache: TensorCache, root: Path | None = None):
+        self.cfg = cfg
+        self.model, self.tokenizer = load_model(cfg)
+        self.writer = ModelWriter(self.model, cache)
+        self.root = root
+        self._scorers: dict[tuple[str, str], object] = {}
+
+    def _scorer(self, task, split: str):
+        key = (task.name, split)
+        if key not in self._scorers:
+            self._scorers[key] = make_scorer(task, split, self.model, self.tokenizer, self.root)
+        return self._scorers[key]
+
+    @torch.no_grad()
+    def evaluate(self, values: Values, split: str = "search") -> tuple[dict[str, float], float]:
+        """Per-task raw scores of ``values`` on ``split`` and the seconds it took."""
+        start = time.perf_counter()
+        self.writer.write(values)
+        scores = {}
+        for task in self.cfg.evaluation.tasks:
+            if split == "test" and not task.has_test:
+                continue
+            scores[task.name] = checked(task.name, self._scorer(task, split)(self.model))
+        return scores, time.perf_counter() - start

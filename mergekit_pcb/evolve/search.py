@@ -1,0 +1,310 @@
+"""The search driver: cache once, score the default, run CMA-ES, write the outputs.
+
+Resume: every scored candidate is a flushed line of ``history.jsonl`` with its
+generation, its place in the population and its unit-cube point. ``--resume``
+replays the run through CMA-ES's ask/tell with the recorded points and
+objectives (so CMA's state is what it was), scores only the members a generation
+is still missing, and goes on. The run's fingerprint (``run.json``) must match:
+a resumed run may raise ``optimizer.budget`` but change nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from mergekit_pcb.evolve import layout as layout_mod
+from mergekit_pcb.evolve.cache import build as build_cache
+from mergekit_pcb.evolve.cache import fingerprint as cache_fingerprint
+from mergekit_pcb.evolve.candidate import Genome
+from mergekit_pcb.evolve.config import EvolveConfig, EvolveConfigError
+from mergekit_pcb.evolve.objective import Objective
+from mergekit_pcb.evolve.report import (
+    HISTORY,
+    RUN,
+    History,
+    plot_progress,
+    write_best_yml,
+    write_report,
+)
+
+LOG = logging.getLogger("mergekit_pcb.evolve")
+
+
+@dataclass
+class RunOptions:
+    resume: bool = False
+    write_model: bool = False
+    ray: bool = False
+    ray_address: str | None = None
+    ray_num_cpus: int | None = None
+    ray_actors: int | None = None
+    progress: bool = True
+    root: Path | None = None  # directory of SEARCH.yml, for python task imports
+
+
+def _prepare_out(cfg: EvolveConfig, out: Path, resume: bool) -> History:
+    out.mkdir(parents=True, exist_ok=True)
+    run_file, history_file = out / RUN, out / HISTORY
+    key = cfg.fingerprint()
+    if resume:
+        if not run_file.exists():
+            raise EvolveConfigError(f"--resume: {out} holds no earlier search ({RUN} missing)")
+        previous = json.loads(run_file.read_text())
+        if previous.get("fingerprint") != key:
+            raise EvolveConfigError(
+                f"--resume: {out} was searched with a different config (only "
+                "optimizer.budget may change); start a new OUT_DIR instead"
+            )
+    elif history_file.exists() and history_file.stat().st_size > 0:
+        raise EvolveConfigError(
+            f"{out} already holds a search ({HISTORY}); pass --resume to continue it "
+            "or choose another OUT_DIR"
+        )
+    else:
+        history_file.unlink(missing_ok=True)
+    run_file.write_text(
+        json.dumps(
+            {"fingerprint": key, "config": cfg.model_dump(mode="json", by_alias=True)}, indent=2
+        )
+    )
+    return History(history_file)
+
+
+def _bar(total: int, initial: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        total=total,
+        initial=initial,
+        desc=desc,
+        disable=not enabled,
+        unit="cand",
+        dynamic_ncols=True,
+    )
+
+
+def run_search(cfg: EvolveConfig, out: Path, opts: RunOptions) -> dict:
+    """Run (or resume) a search and write every output; returns report.json's content."""
+    import cma
+
+    out = Path(out)
+    history = _prepare_out(cfg, out, opts.resume)
+    for task in cfg.evaluation.tasks:
+        if not task.has_test:
+            LOG.warning(
+                "task '%s' has no test_data: its search score is not checked on held-out data",
+                task.name,
+            )
+
+    layout = layout_mod.build_layout(cfg)
+    planned, groups = layout_mod.tensor_groups(cfg, layout)
+    genome = Genome.from_config(cfg, layout.groups)
+    if genome.dimension == 0:
+        raise EvolveConfigError("search: every quantity is fixed; give at least one range")
+
+    cache_dir = Path(cfg.cache.dir) if cfg.cache.dir else out / "cache"
+    t0 = time.perf_counter()
+    with _bar(len(planned), 0, "cache T~/B", opts.progress) as bar:
+        cache = build_cache(
+            planned,
+            groups,
+            cfg,
+            cache_dir=cache_dir,
+            memory_bytes=cfg.cache.memory_gb * 1e9,
+            force_disk=opts.ray,
+            progress=bar.update,
+        )
+    LOG.info("cached T~ and B of %d tensors in %.1f s", len(planned), time.perf_counter() - t0)
+    del planned
+
+    if opts.ray:
+        from mergekit_pcb.evolve.ray_pool import RayPool
+
+        pool = RayPool(
+            cfg,
+            cache_dir,
+            cache_fingerprint(cfg, groups),
+            opts.root,
+            address=opts.ray_address,
+            num_cpus=opts.ray_num_cpus,
+            actors=opts.ray_actors,
+        )
+        local = None
+    else:
+        from mergekit_pcb.evolve.evaluator import Evaluator
+        from mergekit_pcb.evolve.pool import LocalPool
+
+        local = Evaluator(cfg, cache, opts.root)
+        pool = LocalPool(local)
+    try:
+        return _optimise(cfg, out, opts, history, layout, groups, cache, genome, pool, cma)
+    finally:
+        pool.close()
+
+
+def _optimise(cfg, out, opts, history, layout, groups, cache, genome, pool, cma) -> dict:
+    tasks = cfg.evaluation.tasks
+    default_values = layout_mod.default_values(cfg, layout.groups)
+    default = history.default()
+    if default is None:
+        ((scores, seconds),) = pool.evaluate([default_values])
+        default = {
+            "index": 0,
+            "kind": "default",
+            "generation": -1,
+            "member": 0,
+            "x": genome.encode(default_values),
+            "values": default_values.to_json(),
+            "scores": scores,
+            "seconds": seconds,
+        }
+        objective = Objective.from_default(tasks, scores)
+        default["objective"] = objective(scores)
+        history.append(default)
+    objective = Objective.from_default(tasks, default["scores"])
+
+    opt = cfg.optimizer
+    es = cma.CMAEvolutionStrategy(
+        genome.encode(default_values),
+        opt.sigma,
+        {"bounds": [0, 1], "popsize": opt.popsize, "seed": opt.seed + 1, "verbose": -9},
+    )
+    total = opt.generations * opt.popsize
+    done_before = sum(1 for e in history.entries if e["kind"] == "search")
+    with _bar(total, min(done_before, total), "search", opts.progress) as bar:
+        for g in range(opt.generations):
+            xs = [list(map(float, x)) for x in es.ask()]
+            recorded = history.generation(g)
+            for member, entry in recorded.items():
+                xs[member] = entry["x"]  # replay: CMA is told exactly what was scored
+            missing = [m for m in range(opt.popsize) if m not in recorded]
+            batch = [genome.decode(xs[m]) for m in missing]
+
+            def finished(i, result, g=g, missing=missing, batch=batch, xs=xs):
+                scores, seconds = result
+                member = missing[i]
+                history.append(
+                    {
+                        "index": len(history.entries),
+                        "kind": "search",
+                        "generation": g,
+                        "member": member,
+                        "x": xs[member],
+                        "values": batch[i].to_json(),
+                        "scores": scores,
+                        "objective": objective(scores),
+                        "seconds": seconds,
+                    }
+                )
+                bar.update(1)
+
+            if batch:
+                pool.evaluate(batch, "search", finished)
+            fitness = {e["member"]: e["objective"] for e in history.generation(g).values()}
+            es.tell([x for x in xs], [-fitness[m] for m in range(opt.popsize)])
+            best_g = max(fitness.values())
+            bar.set_postfix(best=f"{max(best_g, _best(history)['objective']):.4f}")
+    return _finish(cfg, out, opts, history, layout, groups, cache, objective, default, pool)
+
+
+def _best(history: History) -> dict:
+    """The highest objective among all scored candidates, the default included."""
+    return max(history.entries, key=lambda e: e["objective"])
+
+
+def _finish(cfg, out, opts, history, layout, groups, cache, objective, default, pool) -> dict:
+    from mergekit_pcb.evolve.layout import Values, check_reproduces, merge_config
+
+    best = _best(history)
+    best_values = Values.from_json(best["values"])
+    default_values = Values.from_json(default["values"])
+    tasks = cfg.evaluation.tasks
+    with_test = [t for t in tasks if t.has_test]
+    without_test = [t.name for t in tasks if not t.has_test]
+
+    test_default, test_best = None, None
+    default_test_score = best_test_score = None
+    if with_test:
+        (test_default, _), (test_best, _) = pool.evaluate([default_values, best_values], "test")
+        test_objective = Objective.from_default(with_test, test_default)
+        default_test_score = test_objective(test_default)
+        best_test_score = test_objective(test_best)
+
+    merge_dict = merge_config(cfg, best_values, layout)
+    check_reproduces(cfg, merge_dict, best_values, groups, cache.names)
+    write_best_yml(
+        out / "best.yml",
+        merge_dict,
+        f"mergekit-pcb evolve: best of {len(history.entries)} candidates, "
+        f"objective {best['objective']:.6g} (default {default['objective']:.6g})",
+    )
+    report = {
+        "default_score": default["objective"],
+        "best_score": best["objective"],
+        "default_test_score": default_test_score,
+        "best_test_score": best_test_score,
+        "objective": "weighted mean over tasks of sign * score / max(|default score|, floor);"
+        " loss enters negated; higher is better",
+        "best_values": best["values"],
+        "best_index": best["index"],
+        "candidates": len(history.entries),
+        "tasks": {
+            t.name: {
+                "type": t.type,
+                "weight": t.weight,
+                "default_search": default["scores"][t.name],
+                "best_search": best["scores"][t.name],
+                "default_test": test_default.get(t.name) if test_default else None,
+                "best_test": test_best.get(t.name) if test_best else None,
+                "has_test_data": t.has_test,
+            }
+            for t in tasks
+        },
+        "tasks_without_test_data": without_test,
+        "test_score_covers": [t.name for t in with_test],
+    }
+    if without_test:
+        report["warning"] = (
+            f"task(s) {', '.join(without_test)} have no test_data: their search scores are "
+            "not checked on held-out data and the test scores leave them out"
+        )
+        LOG.warning(report["warning"])
+    write_report(out / "report.json", report)
+    plot_progress(out / "progress.png", history)
+    LOG.info(
+        "default %.6g -> best %.6g on the search split; test: %s -> %s",
+        report["default_score"],
+        report["best_score"],
+        _fmt(default_test_score),
+        _fmt(best_test_score),
+    )
+    if opts.write_model:
+        write_model(out / "best.yml", out / "model", cfg)
+    return report
+
+
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.6g}"
+
+
+def write_model(best_yml: Path, model_dir: Path, cfg: EvolveConfig) -> None:
+    """The best model, written by mergekit itself from best.yml (not from our cache)."""
+    import yaml
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
+    from mergekit.options import MergeOptions
+
+    from mergekit_pcb._autoload import register
+
+    register()
+    merge = MergeConfiguration.model_validate(yaml.safe_load(best_yml.read_text()))
+    run_merge(
+        merge,
+        str(model_dir),
+        MergeOptions(trust_remote_code=cfg.trust_remote_code, quiet=True, copy_tokenizer=True),
+    )

@@ -1,0 +1,217 @@
+"""Scoring a loaded model on one task split; data is tokenised once per scorer.
+
+Each scorer is ``scorer(model) -> float`` on raw scale (loss in nats per token,
+accuracy in [0, 1], or whatever a ``python``/``lm_eval`` task returns); the
+objective decides direction and normalisation (:mod:`.objective`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from mergekit_pcb.evolve.config import TaskSpec, import_target
+from mergekit_pcb.evolve.data import read_jsonl
+
+Scorer = Callable[[object], float]
+
+
+def _ids(tokenizer, text: str, *, bos: bool) -> list[int]:
+    """Token ids with BOS in front when the tokenizer has one and does not add it itself."""
+    ids = list(tokenizer(text, add_special_tokens=True)["input_ids"])
+    b = tokenizer.bos_token_id
+    if bos and b is not None and (not ids or ids[0] != b):
+        ids = [b, *ids]
+    return ids
+
+
+def _pad(rows: list[list[int]], pad: int, *, left: bool = False):
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        sl = slice(width - len(r), width) if left else slice(0, len(r))
+        ids[i, sl] = torch.tensor(r, dtype=torch.long)
+        mask[i, sl] = 1
+    return ids, mask
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _pad_id(tokenizer) -> int:
+    for t in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
+        if t is not None:
+            return t
+    return 0
+
+
+def loss_scorer(rows, tokenizer, batch_size: int) -> Scorer:
+    """Mean next-token loss over all tokens of all texts (token-weighted)."""
+    encoded = [_ids(tokenizer, r["text"], bos=True) for r in rows]
+    encoded = [e for e in encoded if len(e) > 1]
+    if not encoded:
+        raise ValueError("loss task: every text is a single token; nothing to predict")
+    pad = _pad_id(tokenizer)
+
+    @torch.no_grad()
+    def score(model) -> float:
+        total, count = 0.0, 0
+        dev = _device(model)
+        for start in range(0, len(encoded), batch_size):
+            ids, mask = _pad(encoded[start : start + batch_size], pad)
+            ids, mask = ids.to(dev), mask.to(dev)
+            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+            target = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+            loss = torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]),
+                target.reshape(-1),
+                ignore_index=-100,
+                reduction="sum",
+            )
+            total += float(loss)
+            count += int((target != -100).sum())
+        return total / count
+
+    return score
+
+
+def exact_match_scorer(rows, tokenizer, batch_size: int, max_new_tokens: int | None) -> Scorer:
+    """Share of prompts whose greedy continuation, up to the end token, equals the answer."""
+    prompts = [_ids(tokenizer, r["prompt"], bos=True) for r in rows]
+    answers = [r["answer"].strip() for r in rows]
+    if max_new_tokens is None:
+        longest = max(
+            len(tokenizer(r["answer"], add_special_tokens=False)["input_ids"]) for r in rows
+        )
+        max_new_tokens = longest + 1  # the answer and the end token decide a match
+    pad, eos = _pad_id(tokenizer), tokenizer.eos_token_id
+
+    @torch.no_grad()
+    def score(model) -> float:
+        hits = 0
+        dev = _device(model)
+        for start in range(0, len(prompts), batch_size):
+            ids, mask = _pad(prompts[start : start + batch_size], pad, left=True)
+            out = model.generate(
+                input_ids=ids.to(dev),
+                attention_mask=mask.to(dev),
+                do_sample=False,
+                max_new_tokens=max_new_tokens,
+                pad_token_id=pad,
+                eos_token_id=eos,
+            )[:, ids.shape[1] :]
+            for row, answer in zip(out.tolist(), answers[start : start + batch_size], strict=True):
+                if eos is not None and eos in row:
+                    row = row[: row.index(eos)]
+                text = tokenizer.decode(row, skip_special_tokens=True).strip()
+                hits += text == answer
+        return hits / len(prompts)
+
+    return score
+
+
+def choice_scorer(rows, tokenizer, batch_size: int) -> Scorer:
+    """Accuracy of picking the choice with the highest summed log-likelihood."""
+    pairs, spans, labels = [], [], []
+    for r in rows:
+        prompt = _ids(tokenizer, r["prompt"], bos=True)
+        first = len(pairs)
+        for choice in r["choices"]:
+            cont = list(tokenizer(choice, add_special_tokens=False)["input_ids"])
+            pairs.append((prompt + cont, len(prompt)))
+        spans.append((first, len(pairs)))
+        labels.append(r["label"])
+    pad = _pad_id(tokenizer)
+
+    @torch.no_grad()
+    def score(model) -> float:
+        dev = _device(model)
+        ll = []
+        for start in range(0, len(pairs), batch_size):
+            chunk = pairs[start : start + batch_size]
+            ids, mask = _pad([p for p, _ in chunk], pad)
+            ids, mask = ids.to(dev), mask.to(dev)
+            logp = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+            logp = logp.log_softmax(-1).gather(-1, ids[:, 1:, None])[..., 0]
+            for i, (p, plen) in enumerate(chunk):
+                ll.append(float(logp[i, plen - 1 : len(p) - 1].sum()))
+        right = sum(
+            max(range(a, b), key=lambda k: ll[k]) - a == label
+            for (a, b), label in zip(spans, labels, strict=True)
+        )
+        return right / len(labels)
+
+    return score
+
+
+def lm_eval_scorer(spec: TaskSpec, tokenizer, model, limit: int | None) -> Scorer:
+    """lm-evaluation-harness on the already loaded model (weights change in place)."""
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=spec.batch_size)
+    manager = None
+    if spec.include_path:
+        # Indexing the harness's own task catalogue costs many seconds; skip it when the
+        # local directory defines every requested task.
+        local = TaskManager(include_path=spec.include_path, include_defaults=False)
+        if all(name in local.all_tasks for name in spec.lm_eval_tasks):
+            manager = local
+    if manager is None:
+        manager = TaskManager(include_path=spec.include_path)
+
+    def score(_model) -> float:
+        result = simple_evaluate(
+            model=lm,
+            tasks=list(spec.lm_eval_tasks),
+            task_manager=manager,
+            limit=limit,
+            log_samples=False,
+            verbosity="ERROR",
+        )["results"]
+        values = []
+        for name in spec.lm_eval_tasks:
+            metrics = result[name]
+            key = spec.metric or next(
+                (k for k in ("acc,none", "exact_match,none", "acc_norm,none") if k in metrics),
+                None,
+            )
+            if key not in metrics:
+                raise ValueError(
+                    f"lm_eval task '{name}' has no metric '{key}'; it reports "
+                    f"{', '.join(k for k in metrics if ',' in k)}"
+                )
+            values.append(float(metrics[key]))
+        return sum(values) / len(values)
+
+    return score
+
+
+def make_scorer(spec: TaskSpec, split: str, model, tokenizer, root: Path | None) -> Scorer:
+    """The scorer of ``spec`` on ``split`` ('search' or 'test')."""
+    if spec.type == "python":
+        fn = import_target(spec.function if split == "search" else spec.test_function, root)
+        return lambda m: float(fn(m, tokenizer))
+    if spec.type == "lm_eval":
+        return lm_eval_scorer(spec, tokenizer, model, spec.limit)
+    path = spec.data if split == "search" else spec.test_data
+    rows = read_jsonl(path, spec.type)
+    if spec.limit:
+        rows = rows[: spec.limit]
+    if spec.type == "loss":
+        return loss_scorer(rows, tokenizer, spec.batch_size)
+    if spec.type == "exact_match":
+        return exact_match_scorer(rows, tokenizer, spec.batch_size, spec.max_new_tokens)
+    return choice_scorer(rows, tokenizer, spec.batch_size)
+
+
+def checked(name: str, value: float) -> float:
+    if not math.isfinite(value):
+        raise ValueError(f"task '{name}' returned a non-finite score {value!r}")
+    return value

@@ -1,0 +1,153 @@
+"""Bad search configs fail with a clear message before any model is loaded.
+
+Every config here names models that do not exist: reaching the model-loading
+stage would fail differently, so each expected message proves the check ran first.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+from conftest import run_tool
+
+from mergekit_pcb.evolve.config import EvolveConfigError, load_config
+
+
+def _write(tmp_path, cfg: dict, name="s.yml"):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def good(tmp_path) -> dict:
+    (tmp_path / "val.jsonl").write_text(json.dumps({"prompt": "a", "answer": "b"}) + "\n")
+    return {
+        "base_model": "no/such-base",
+        "models": ["no/such-a", "no/such-b"],
+        "search": {"pcb_ratio": [0.05, 0.5], "lambda": [0.5, 2.0], "weight": 1.0},
+        "evaluation": {"tasks": [{"name": "em", "type": "exact_match", "data": "val.jsonl"}]},
+    }
+
+
+def _error(tmp_path, cfg) -> str:
+    with pytest.raises(EvolveConfigError) as info:
+        load_config(_write(tmp_path, cfg))
+    return str(info.value)
+
+
+def test_good_config_resolves_paths(tmp_path, good):
+    cfg = load_config(_write(tmp_path, good))
+    assert cfg.evaluation.tasks[0].data == str((tmp_path / "val.jsonl").resolve())
+    assert cfg.search.range("weight") == (1.0, 1.0)
+    assert cfg.search.range("lambda") == (0.5, 2.0)
+
+
+@pytest.mark.parametrize(
+    "where,key,expected",
+    [
+        ((), "optimiser", "did you mean 'optimizer'"),
+        (("search",), "pcb_ratoi", "did you mean 'pcb_ratio'"),
+        (("search",), "lamda", "did you mean 'lambda'"),
+        (("evaluation", "tasks", 0), "test_dta", "did you mean 'test_data'"),
+    ],
+)
+def test_unknown_keys_suggest(tmp_path, good, where, key, expected):
+    node = good
+    for step in where:
+        node = node[step]
+    node[key] = 1
+    message = _error(tmp_path, good)
+    assert f"unknown key '{key}'" in message and expected in message
+
+
+@pytest.mark.parametrize(
+    "name,value,expected",
+    [
+        ("pcb_ratio", [0.5, 0.1], "low > high"),
+        ("pcb_ratio", [0.0, 0.5], "low end 0.0 is outside a number in (0, 1]"),
+        ("pcb_ratio", [0.1, 1.5], "high end 1.5 is outside a number in (0, 1]"),
+        ("pcb_ratio", 0, "outside a number in (0, 1]"),
+        ("lambda", [2.0, 1.0], "search.lambda: range [2.0, 1.0] has low > high"),
+        ("weight", [1, 2, 3], "search.weight: got [1, 2, 3]"),
+        ("weight", "heavy", "search.weight: got 'heavy'"),
+    ],
+)
+def test_ranges(tmp_path, good, name, value, expected):
+    good["search"][name] = value
+    assert expected in _error(tmp_path, good)
+
+
+def test_clamp_ratio_domain(tmp_path, good):
+    good["parameters"] = {"clamp_ratio": 0.5}
+    assert "parameters.clamp_ratio" in _error(tmp_path, good)
+
+
+def test_missing_data_file(tmp_path, good):
+    good["evaluation"]["tasks"][0]["test_data"] = "nope.jsonl"
+    message = _error(tmp_path, good)
+    assert "test_data file 'nope.jsonl' does not exist" in message
+
+
+@pytest.mark.parametrize(
+    "line,expected",
+    [
+        ("{not json", "not valid JSON"),
+        ('{"prompt": "a"}', '"answer" is missing'),
+        ("[1, 2]", "expected a JSON object"),
+    ],
+)
+def test_malformed_jsonl_names_file_and_line(tmp_path, good, line, expected):
+    ok = json.dumps({"prompt": "a", "answer": "b"})
+    (tmp_path / "val.jsonl").write_text(f"{ok}\n\n{ok}\n{line}\n")
+    message = _error(tmp_path, good)
+    assert "val.jsonl:4: " in message and expected in message
+
+
+def test_choice_rows_are_checked(tmp_path, good):
+    (tmp_path / "c.jsonl").write_text(
+        json.dumps({"prompt": "p", "choices": ["a", "b"], "label": 2}) + "\n"
+    )
+    good["evaluation"]["tasks"] = [{"name": "c", "type": "choice", "data": "c.jsonl"}]
+    assert "c.jsonl:1" in _error(tmp_path, good)
+
+
+def test_python_target_must_import(tmp_path, good):
+    good["evaluation"]["tasks"] = [
+        {"name": "p", "type": "python", "function": "no_such_module_xyz:score"}
+    ]
+    assert "cannot import module 'no_such_module_xyz'" in _error(tmp_path, good)
+    (tmp_path / "my_scores.py").write_text("def score(model, tokenizer):\n    return 1.0\n")
+    good["evaluation"]["tasks"][0]["function"] = "my_scores:missing"
+    assert "has no callable 'missing'" in _error(tmp_path, good)
+    good["evaluation"]["tasks"][0]["function"] = "my_scores:score"
+    assert load_config(_write(tmp_path, good)).evaluation.tasks[0].function == "my_scores:score"
+
+
+def test_task_type_fields(tmp_path, good):
+    good["evaluation"]["tasks"][0]["higher_is_better"] = False
+    assert "higher_is_better is fixed" in _error(tmp_path, good)
+    good["evaluation"]["tasks"] = [{"name": "x", "type": "loss"}]
+    assert "needs 'data'" in _error(tmp_path, good)
+
+
+def test_cli_reports_error_without_loading(tmp_path, good):
+    good["search"]["pcb_ratio"] = [0.5, 0.1]
+    result = run_tool("mergekit-pcb", "evolve", _write(tmp_path, good), tmp_path / "out")
+    assert result.returncode != 0
+    assert "search.pcb_ratio: range [0.5, 0.1] has low > high" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_example_search_config_is_valid():
+    """examples/evolve.yml parses, and its data files exist and are well-formed."""
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "evolve.yml"
+    cfg = load_config(example)
+    assert [t.type for t in cfg.evaluation.tasks] == ["exact_match", "loss"]
+    assert all(t.has_test for t in cfg.evaluation.tasks)
+    assert cfg.base_model.endswith("models/base")

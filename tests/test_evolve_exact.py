@@ -1,0 +1,144 @@
+"""The search scores exactly the model that ``mergekit-yaml best.yml`` writes.
+
+The cached T~/B plus the per-candidate steps 9-11 must give, tensor by tensor,
+the floats of a real ``mergekit-yaml`` run (in a subprocess) on the config the
+search writes, including per-layer-group ratios expressed as mergekit filters.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import check, load_tensors, run_tool
+
+from mergekit_pcb.evolve import cache as cache_mod
+from mergekit_pcb.evolve import layout as layout_mod
+from mergekit_pcb.evolve.candidate import ModelWriter
+from mergekit_pcb.evolve.config import EvolveConfig
+from mergekit_pcb.evolve.evaluator import load_model
+
+
+def _cfg(family, tmp_path, **kw) -> EvolveConfig:
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"text": "abc"}) + "\n")
+    raw = {
+        "base_model": str(family.base),
+        "models": [str(p) for p in family.experts],
+        "evaluation": {"tasks": [{"name": "t", "type": "loss", "data": str(data)}]},
+        "parameters": {"clamp_ratio": 0.01},
+    }
+    raw.update(kw)
+    return EvolveConfig.model_validate(raw)
+
+
+def _search_state(cfg, values, *, cache_dir=None, force_disk=False):
+    layout = layout_mod.build_layout(cfg)
+    planned, groups = layout_mod.tensor_groups(cfg, layout)
+    cache = cache_mod.build(
+        planned, groups, cfg, cache_dir=cache_dir, memory_bytes=1e12, force_disk=force_disk
+    )
+    model, _ = load_model(cfg)
+    writer = ModelWriter(model, cache)
+    writer.write(values)
+    return layout, groups, cache, writer.state()
+
+
+def _mergekit(cfg, values, layout, tmp_path) -> dict:
+    import yaml
+
+    best = tmp_path / "best.yml"
+    best.write_text(yaml.safe_dump(layout_mod.merge_config(cfg, values, layout)))
+    out = tmp_path / "merged"
+    check(run_tool("mergekit-yaml", best, out, "--no-copy-tokenizer"))
+    return load_tensors(out)
+
+
+@pytest.mark.parametrize("dtype,groups,disk", [("float32", 2, False), ("bfloat16", 1, True)])
+def test_candidate_equals_mergekit_yaml(family, tmp_path, dtype, groups, disk):
+    cfg = _cfg(family, tmp_path, dtype=dtype, search={"layer_groups": groups})
+    ratios = (0.3, 0.07)[:groups]
+    values = layout_mod.Values(ratios, 1.37, (0.9, 1.2, 0.6))
+    layout, group_of, cache, state = _search_state(
+        cfg, values, cache_dir=tmp_path / "cache", force_disk=disk
+    )
+    if disk:
+        assert all(t.file for t in cache.tensors)
+        assert list((tmp_path / "cache").glob("*.safetensors"))
+    merged = _mergekit(cfg, values, layout, tmp_path)
+    base = load_tensors(family.base)
+    assert set(state) <= set(merged)
+    changed = 0
+    for name, tensor in state.items():
+        expected = merged[name]
+        assert tensor.dtype == expected.dtype, name
+        diff = (tensor.float() - expected.float()).abs().max()
+        assert torch.equal(tensor, expected), f"{name}: max diff {diff}"
+        changed += not torch.equal(expected, base[name].to(expected.dtype))
+    assert changed > len(state) // 2  # the merge really moved the weights
+    if groups > 1:
+        # 3 layers in 2 groups: layers 0-1 and embeddings group 0; layer 2, norm, lm_head group 1.
+        by_name = dict(zip(cache.names, group_of, strict=True))
+        assert by_name["model.embed_tokens.weight"] == 0
+        assert by_name["model.layers.1.mlp.up_proj.weight"] == 0
+        assert by_name["model.layers.2.mlp.up_proj.weight"] == 1
+        assert by_name["lm_head.weight"] == 1 and by_name["model.norm.weight"] == 1
+
+
+def test_layer_ratios_change_only_their_group(family, tmp_path):
+    """Changing group 1's ratio moves exactly the tensors of group 1."""
+    cfg = _cfg(family, tmp_path, search={"layer_groups": 2})
+    layout = layout_mod.build_layout(cfg)
+    planned, groups = layout_mod.tensor_groups(cfg, layout)
+    cache = cache_mod.build(planned, groups, cfg, cache_dir=None, memory_bytes=1e12)
+    model, _ = load_model(cfg)
+    writer = ModelWriter(model, cache)
+    writer.write(layout_mod.Values((0.2, 0.2), 1.0, (1.0, 1.0, 1.0)))
+    a = writer.state()
+    writer.write(layout_mod.Values((0.2, 0.6), 1.0, (1.0, 1.0, 1.0)))
+    b = writer.state()
+    for name, g in zip(cache.names, groups, strict=True):
+        same = torch.equal(a[name], b[name])
+        if g == 0:
+            assert same, name
+        elif name.endswith("layernorm.weight") or name == "model.norm.weight":
+            continue  # norms may be unchanged by the experts' sparse noise only rarely
+        else:
+            assert not same, name
+
+
+def test_best_yml_resolves_to_used_values(family, tmp_path):
+    """mergekit's planner resolves the written filters to exactly the searched values."""
+    cfg = _cfg(family, tmp_path, search={"layer_groups": 3})
+    layout = layout_mod.build_layout(cfg)
+    planned, groups = layout_mod.tensor_groups(cfg, layout)
+    values = layout_mod.Values((0.11, 0.37, 0.93), 0.77, (1.3, 0.5, 0.8))
+    merge = layout_mod.merge_config(cfg, values, layout)
+    layout_mod.check_reproduces(cfg, merge, values, groups, [p.name for p in planned])
+    wrong = layout_mod.Values((0.11, 0.37, 0.94), 0.77, (1.3, 0.5, 0.8))
+    with pytest.raises(RuntimeError, match="pcb_ratio"):
+        layout_mod.check_reproduces(cfg, merge, wrong, groups)
+
+
+def test_cache_inputs_and_storage_do_not_change_the_merge(family, bin_family, tmp_path):
+    """Pickled .bin inputs and a cache split between memory and disk give the same floats."""
+    values = layout_mod.Values((0.25,), 0.8, (1.1, 0.7, 1.3))
+    cfg = _cfg(family, tmp_path)
+    *_, in_memory = _search_state(cfg, values)
+
+    layout = layout_mod.build_layout(cfg)
+    planned, groups = layout_mod.tensor_groups(cfg, layout)
+    budget = 4 * sum(p.numel() for p in load_tensors(family.base).values())  # ~ a third
+    mixed = cache_mod.build(planned, groups, cfg, cache_dir=tmp_path / "spill", memory_bytes=budget)
+    on_disk = [t.file is not None for t in mixed.tensors]
+    assert any(on_disk) and not all(on_disk)
+    model, _ = load_model(cfg)
+    writer = ModelWriter(model, mixed)
+    writer.write(values)
+    assert all(torch.equal(in_memory[n], t) for n, t in writer.state().items())
+
+    bin_cfg = _cfg(bin_family, tmp_path)
+    *_, from_bin = _search_state(bin_cfg, values)
+    assert from_bin.keys() == in_memory.keys()
+    assert all(torch.equal(in_memory[n], t) for n, t in from_bin.items())

@@ -1,0 +1,40 @@
+"""--ray on a local 2-CPU Ray: actors score a generation in parallel, with the same results."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from test_evolve_support import family as toy_family
+from test_evolve_support import search_config, write_config
+
+from mergekit_pcb.evolve.config import load_config
+from mergekit_pcb.evolve.search import RunOptions, run_search
+
+pytest.importorskip("ray")
+
+
+def test_ray_pool_matches_local_search(tmp_path):
+    fam = toy_family()
+    cfg = search_config(fam, optimizer={"budget": 4, "popsize": 4, "sigma": 0.3, "seed": 5})
+    yml = write_config(tmp_path / "s.yml", cfg)
+    local = run_search(load_config(yml), tmp_path / "local", RunOptions(progress=False))
+    distributed = run_search(
+        load_config(yml),
+        tmp_path / "ray",
+        RunOptions(progress=False, ray=True, ray_num_cpus=2),
+    )
+    assert (tmp_path / "ray" / "cache" / "cache.json").exists()  # actors read the disk cache
+    a = [json.loads(x) for x in (tmp_path / "local" / "history.jsonl").read_text().splitlines()]
+    b = [json.loads(x) for x in (tmp_path / "ray" / "history.jsonl").read_text().splitlines()]
+    assert sorted((e["generation"], e["member"]) for e in b) == sorted(
+        (e["generation"], e["member"]) for e in a
+    )
+    by_key = {(e["generation"], e["member"]): e for e in a}
+    for e in b:
+        ref = by_key[(e["generation"], e["member"])]
+        assert e["x"] == ref["x"]
+        for task, score in e["scores"].items():  # thread counts differ: float32 rounding only
+            assert score == pytest.approx(ref["scores"][task], rel=1e-5)
+    assert distributed["best_score"] == pytest.approx(local["best_score"], rel=1e-5)
+    assert distributed["best_test_score"] == pytest.approx(local["best_test_score"], rel=1e-5)

@@ -1,0 +1,200 @@
+"""The quality benchmark's ``--quick`` mode, end to end, so the benchmark cannot rot.
+
+It trains a real tiny base and experts, merges them through mergekit's registered
+methods and checks the outputs for things that could be wrong: structure, ranges,
+experts beating the base on their own task, normalisation arithmetic that agrees
+with the per-task numbers, the tuned values coming from the declared grid, and the
+bootstrap interval containing its own point estimate.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "quality.py"
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("quality")
+    env = {**os.environ, "MERGEKIT_PCB_BENCH_CACHE": str(out / "cache")}
+    args = [sys.executable, str(SCRIPT), "--quick", "--out", str(out / "report")]
+    has_plot = importlib.util.find_spec("matplotlib") is not None
+    if not has_plot:
+        args.append("--no-plot")
+    proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = out / "report"
+    return report, json.loads((report / "results.json").read_text())
+
+
+def test_structure(quick):
+    report, res = quick
+    assert (report / "RESULTS.md").read_text().startswith("# Merge quality")
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert (report / "quality.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert res["tasks"] == list(res["regime"]["tasks"])
+    for label in ("linear", "task_arithmetic", "ties", "dare_ties", "pcb"):
+        row = res["methods"][label]
+        assert {"normalized_mean", "normalized_std", "per_task", "chosen"} <= set(row)
+        assert set(row["per_task"]) == set(res["tasks"])
+    assert set(res["comparisons"]) == {"pcb - ties", "pcb - task_arithmetic"}
+
+
+def test_accuracies_are_rates_and_experts_beat_base(quick):
+    _, res = quick
+    n_test = res["regime"]["n_test"]
+    for task in res["tasks"]:
+        own = res["experts"]["per_task"][task]
+        base = res["base"]["per_task"][task]
+        # Exact match over n_test examples: a multiple of 1/n_test in [0, 1].
+        for acc in [own, base, *(m["per_task"][task] for m in res["methods"].values())]:
+            assert 0.0 <= acc <= 1.0
+            assert abs(acc * n_test - round(acc * n_test)) < 1e-3
+        assert own > base + 0.01, (task, own, base)
+        assert own >= 0.8, (task, own)
+        # Seed 0's expert on its own task is the same number as its own accuracy.
+        assert res["experts"]["cross_seed0"][task][task] == pytest.approx(own)
+    gains = [res["experts"]["per_task"][t] - res["base"]["per_task"][t] for t in res["tasks"]]
+    assert sum(gains) / len(gains) > 0.05, gains
+
+
+def test_normalisation_matches_per_task_numbers(quick):
+    _, res = quick
+    own = res["experts"]["per_task"]  # one seed in quick mode: the per-seed values
+    base_norm = sum(res["base"]["per_task"][t] / own[t] for t in own) / len(own)
+    assert res["base"]["normalized_mean"] == pytest.approx(base_norm, rel=1e-9)
+    assert res["base"]["normalized_mean"] < 0.97  # room for a merge to gain anything
+    for label, row in res["methods"].items():
+        expected = sum(row["per_task"][t] / own[t] for t in own) / len(own)
+        assert row["normalized_mean"] == pytest.approx(expected, rel=1e-9), label
+        assert row["normalized_std"] == 0.0  # one seed
+        gain = (row["normalized_mean"] - base_norm) / (1 - base_norm)
+        assert row["gain_kept"] == pytest.approx(gain, rel=1e-9)
+
+
+def test_tuning_stays_on_the_declared_grid(quick):
+    _, res = quick
+    scales = set(res["regime"]["scales"])
+    densities = set(res["regime"]["densities"])
+    for label, row in res["methods"].items():
+        if label == "pcb + evolve":  # continuous search, checked below
+            continue
+        sweep = row["sweep_seed0"]
+        (chosen,) = row["chosen"]
+        if "lambda" in chosen:
+            assert chosen["lambda"] in scales
+        for key in ("density", "pcb_ratio"):
+            if key in chosen:
+                assert chosen[key] in densities
+        # The chosen values are the validation optimum of the sweep, never a test pick.
+        best = max(sweep, key=lambda r: r["val_normalized"])
+        assert row["val_normalized"][0] == pytest.approx(best["val_normalized"], abs=1e-4)
+        if label == "ties":
+            assert len(sweep) == len(scales) * len(densities)
+        if label == "task_arithmetic":
+            assert len(sweep) == len(scales)
+
+
+def test_evolve_row_stays_in_the_searched_ranges(quick):
+    _, res = quick
+    row = res["methods"].get("pcb + evolve")
+    if row is None:
+        pytest.skip("mergekit_pcb.evolve is not in this checkout")
+    (chosen,) = row["chosen"]
+    scales, densities = res["regime"]["scales"], res["regime"]["densities"]
+    assert min(scales) - 1e-6 <= chosen["lambda"] <= max(scales) + 1e-6
+    assert min(densities) - 1e-6 <= chosen["pcb_ratio"] <= max(densities) + 1e-6
+    assert len(chosen["weights"]) == len(res["tasks"])
+
+
+def test_bootstrap_interval_brackets_the_gap(quick):
+    _, res = quick
+    for name, comp in res["comparisons"].items():
+        other = name.split(" - ")[1]
+        gap = 100 * (
+            res["methods"]["pcb"]["normalized_mean"] - res["methods"][other]["normalized_mean"]
+        )
+        assert comp["points"] == pytest.approx(gap, abs=1e-4), name  # float32 means
+        lo, hi = comp["ci95"]
+        assert lo <= comp["points"] <= hi
+        assert hi - lo < 20  # 500 examples a task: a wide interval means a broken resampler
+
+
+def test_toy_tasks_match_hand_worked_answers():
+    from mergekit_pcb import toy
+
+    cases = {
+        "reverse": ("12345", "54321"),
+        "sort": ("31415", "11345"),
+        "cipher": ("0123456789", "3827196054"),
+        "successor": ("09190", "10201"),
+        "rotate": ("12345", "23451"),
+        "swap_pairs": ("12345", "21435"),
+        "every_second": ("123456", "135"),
+        "max": ("30721", "7"),
+    }
+    for task, (inp, ans) in cases.items():
+        examples = toy.make_examples(task, 200, 3)
+        tag = toy.TASKS[task].tag
+        assert all(ex.prompt.startswith(f"{tag}:") and ex.prompt.endswith("=") for ex in examples)
+        # Re-derive every generated answer with the hand rule checked on the worked case.
+        rule = {
+            "reverse": lambda s: s[::-1],
+            "sort": lambda s: "".join(sorted(s)),
+            "cipher": lambda s: "".join("3827196054"[int(c)] for c in s),
+            "successor": lambda s: "".join(str((int(c) + 1) % 10) for c in s),
+            "rotate": lambda s: s[1:] + s[0],
+            "swap_pairs": lambda s: "".join(s[i : i + 2][::-1] for i in range(0, len(s), 2)),
+            "every_second": lambda s: s[::2],
+            "max": lambda s: max(s),
+        }[task]
+        assert rule(inp) == ans
+        assert all(rule(ex.prompt[2:-1]) == ex.answer for ex in examples), task
+    # Deterministic, and different seeds give different data.
+    assert toy.make_examples("sort", 50, 1) == toy.make_examples("sort", 50, 1)
+    assert toy.make_examples("sort", 50, 1) != toy.make_examples("sort", 50, 2)
+    with pytest.raises(ValueError, match="unknown toy task 'nope'"):
+        toy.make_examples("nope", 1, 0)
+
+
+def test_in_memory_merges_equal_mergekits_full_pipeline(quick, monkeypatch):
+    """The grid rows merge in memory; the same config through run_merge gives the same weights."""
+    report, res = quick
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    monkeypatch.setenv("MERGEKIT_PCB_BENCH_CACHE", str(report.parent / "cache"))
+    from _quality_methods import METHODS, merge
+    from _quality_run import _save_checkpoints
+    from _quality_setup import QUICK, build_family, model_config
+
+    from mergekit_pcb.tiny import new_llama
+
+    family = build_family(QUICK, log=lambda _: None)
+    assert family.train_seconds == 0.0  # everything came from the run's cache
+    experts = family.experts[0]
+    base = family.base.state_dict()
+    model = new_llama(model_config(QUICK, family.tokenizer))
+    on_disk = _save_checkpoints(model, family.tokenizer, base, experts, report / "disk")
+    by_label = {m.label: m for m in METHODS}
+    for label, params in (
+        ("pcb", {"weight": 1.0, "lambda": 0.5, "pcb_ratio": 0.2}),
+        ("ties", {"weight": 1.0, "lambda": 0.7, "density": 0.4}),
+    ):
+        method = by_label[label]
+        in_memory = merge(method, base, experts, params)
+        full = merge(dataclasses.replace(method, via="run_merge"), base, experts, params, on_disk)
+        assert set(in_memory) == set(full)
+        for name in in_memory:
+            assert torch.equal(in_memory[name], full[name]), (label, name)
+        changed = sum(not torch.equal(in_memory[n], base[n]) for n in base)
+        assert changed > 0, label
