@@ -11,9 +11,21 @@ import importlib
 import click
 
 COMMANDS = {
-    "merge": ("mergekit_pcb.merge_cli", "merge", "Validate a pcb config strictly, then run mergekit's merge."),
-    "demo": ("mergekit_pcb.demo", "demo", "Build tiny local models and merge them with PCB (no downloads)."),
-    "evolve": ("mergekit_pcb.evolve.cli", "evolve", "Search PCB's ratios and coefficients with CMA-ES."),
+    "merge": (
+        "mergekit_pcb.merge_cli",
+        "merge",
+        "Validate a pcb config strictly, then run mergekit's merge.",
+    ),
+    "demo": (
+        "mergekit_pcb.demo",
+        "demo",
+        "Build tiny local models and merge them with PCB (no downloads).",
+    ),
+    "evolve": (
+        "mergekit_pcb.evolve.cli",
+        "evolve",
+        "Search PCB's ratios and coefficients with CMA-ES.",
+    ),
 }
 
 

@@ -65,24 +65,40 @@ class BoundedFloat(ParameterSpec):
 
 PARAMETERS = (
     BoundedFloat(
-        "pcb_ratio", float, ParameterScope.SHARED, default=0.1,
+        "pcb_ratio",
+        float,
+        ParameterScope.SHARED,
+        default=0.1,
         description="fraction of entries kept per model",
         allowed="a number in (0, 1], the fraction of entries each model keeps",
-        low=0.0, low_inclusive=False, high=1.0,
+        low=0.0,
+        low_inclusive=False,
+        high=1.0,
     ),
     BoundedFloat(
-        "clamp_ratio", float, ParameterScope.SHARED, default=1e-4,
+        "clamp_ratio",
+        float,
+        ParameterScope.SHARED,
+        default=1e-4,
         description="outlier-clipping quantile of |task vector|",
         allowed="a number in [0, 0.5), the quantile clipped at each end of |task vector|",
-        low=0.0, high=0.5, high_inclusive=False,
+        low=0.0,
+        high=0.5,
+        high_inclusive=False,
     ),
     BoundedFloat(
-        "lambda", float, ParameterScope.SHARED, default=1.0,
+        "lambda",
+        float,
+        ParameterScope.SHARED,
+        default=1.0,
         description="scale of the merged task vector",
         allowed="a finite number, the scale of the merged task vector",
     ),
     BoundedFloat(
-        "weight", float, ParameterScope.NON_BASE, default=1.0,
+        "weight",
+        float,
+        ParameterScope.NON_BASE,
+        default=1.0,
         description="per-model task coefficient",
         allowed="a finite number, this model's task coefficient",
     ),
@@ -165,8 +181,10 @@ class PCBMerge(GroupMergeMethod):
             merged = combine(clipped, weights, coefficients, consume=True)
         else:
             merged = pcb_task_vector(
-                tau, coefficients,
-                pcb_ratio=params["pcb_ratio"], clamp_ratio=params["clamp_ratio"],
+                tau,
+                coefficients,
+                pcb_ratio=params["pcb_ratio"],
+                clamp_ratio=params["clamp_ratio"],
             )
         # Out of place: base_work may alias the caller's tensor when it is already float32.
         return (

@@ -7,8 +7,8 @@ checkpoints that mergekit can read; these helpers make them in milliseconds.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable, Optional
 
 import torch
 
@@ -28,14 +28,22 @@ def char_tokenizer(alphabet: str = DEFAULT_ALPHABET):
     core.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
     core.decoder = decoders.Fuse()
     return PreTrainedTokenizerFast(
-        tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+        tokenizer_object=core,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
         unk_token="<unk>",
     )
 
 
 def tiny_llama_config(
-    vocab_size: int, *, hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4,
-    intermediate_size: Optional[int] = None, max_position_embeddings: int = 128,
+    vocab_size: int,
+    *,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    intermediate_size: int | None = None,
+    max_position_embeddings: int = 128,
 ):
     from transformers import LlamaConfig
 
@@ -48,7 +56,9 @@ def tiny_llama_config(
         num_key_value_heads=num_heads,
         max_position_embeddings=max_position_embeddings,
         tie_word_embeddings=False,
-        pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
     )
 
 
@@ -68,7 +78,12 @@ def save_model(model, path: os.PathLike, tokenizer=None, *, safe: bool = True) -
 
 
 def make_experts(
-    base, n: int, *, scale: float = 0.02, density: float = 0.3, seed: int = 1,
+    base,
+    n: int,
+    *,
+    scale: float = 0.02,
+    density: float = 0.3,
+    seed: int = 1,
 ) -> list:
     """Copies of ``base`` with sparse random task vectors (a stand-in for fine-tuning).
 
@@ -92,8 +107,14 @@ def make_experts(
 
 
 def build_family(
-    root: os.PathLike, *, n_experts: int = 3, seed: int = 0, dtype: torch.dtype = torch.float32,
-    alphabet: str = DEFAULT_ALPHABET, names: Optional[Iterable[str]] = None, **config_kwargs,
+    root: os.PathLike,
+    *,
+    n_experts: int = 3,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    alphabet: str = DEFAULT_ALPHABET,
+    names: Iterable[str] | None = None,
+    **config_kwargs,
 ) -> tuple[Path, list[Path]]:
     """Write a base and ``n_experts`` experts (with a shared tokenizer) under ``root``."""
     root = Path(root)
@@ -104,6 +125,6 @@ def build_family(
     base_path = save_model(base, root / "base", tokenizer)
     paths = [
         save_model(expert, root / name, tokenizer)
-        for name, expert in zip(names, make_experts(base, len(names), seed=seed + 1))
+        for name, expert in zip(names, make_experts(base, len(names), seed=seed + 1), strict=True)
     ]
     return base_path, paths

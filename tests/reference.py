@@ -8,7 +8,7 @@ and our selection shortcuts.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
