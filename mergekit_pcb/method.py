@@ -129,15 +129,15 @@ def canonical_order(entries, weights) -> list:
     order and varies only the coefficients (mergekit_pcb.evolve.cache).
     """
 
-    def key(entry):
-        tensor = entry.tensor
-        return (
-            float(tensor.sum(dtype=torch.float64)),
-            float(torch.linalg.vector_norm(tensor, dtype=torch.float64)),
-            float(weights[entry.id]),
-        )
+    return sorted(entries, key=lambda e: (*content_key(e.tensor), float(weights[e.id])))
 
-    return sorted(entries, key=key)
+
+def content_key(tensor: torch.Tensor) -> tuple[float, float]:
+    """The content part of the canonical order; the evolve cache sorts its rows by it too."""
+    return (
+        float(tensor.sum(dtype=torch.float64)),
+        float(torch.linalg.vector_norm(tensor, dtype=torch.float64)),
+    )
 
 
 class PCBMerge(GroupMergeMethod):

@@ -21,6 +21,7 @@ import torch
 
 from mergekit_pcb.evolve.layout import PlannedTensor
 from mergekit_pcb.kernel import compute_dtype, cut_index, scores
+from mergekit_pcb.method import content_key
 
 META = "cache.json"
 DEFAULT_RATIO = 0.1  # PCB's default, always scored as the baseline
@@ -155,14 +156,6 @@ def cut_table(score: torch.Tensor, ratios: tuple[float, float]) -> dict[str, tor
         "cut_first": torch.tensor([first], dtype=torch.int64),
         "top": ranked[:, -1].clone(),
     }
-
-
-def content_key(tensor: torch.Tensor) -> tuple[float, float]:
-    """The content part of ``method.canonical_order``'s sort key, from the input tensor."""
-    return (
-        float(tensor.sum(dtype=torch.float64)),
-        float(torch.linalg.vector_norm(tensor, dtype=torch.float64)),
-    )
 
 
 def prepare(base: torch.Tensor, experts: list[torch.Tensor], clamp_ratio: float):
