@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from mergekit.merge_methods.base import (
@@ -18,8 +19,16 @@ from mergekit.merge_methods.base import (
 )
 from pydantic import ValidationError
 
-from mergekit_pcb import _autoload
-from mergekit_pcb.kernel import combine, compute_dtype, drop_weights, pcb_task_vector, scores
+from mergekit_pcb import _autoload, parallel, workspace
+from mergekit_pcb.kernel import (
+    add_scaled,
+    column_chunks,
+    combine,
+    compute_dtype,
+    drop_weights,
+    pcb_task_vector,
+    scores,
+)
 from mergekit_pcb.scope import model as model_scope
 
 NAME = "pcb"
@@ -122,22 +131,80 @@ def canonical_order(entries, weights) -> list:
     """The experts sorted by content, so the result never depends on model order.
 
     Float sums over models depend on their order in the last bit; a content key
-    (sum, norm, coefficient) fixes one order for any permutation of the inputs.
-    Entries equal in all three are, in practice, identical tensors, whose order
-    cannot matter. Content comes first so the order does not change with the
-    coefficients: the evolutionary search caches T~/B once per tensor in this
+    (see :func:`content_keys`, then the coefficient) fixes one order for any
+    permutation of the inputs. Content comes first so the order does not change with
+    the coefficients: the evolutionary search caches T~/B once per tensor in this
     order and varies only the coefficients (mergekit_pcb.evolve.cache).
     """
+    entries = list(entries)
+    keys = content_keys([e.tensor for e in entries])
+    rank = {e.id: (*key, float(weights[e.id])) for e, key in zip(entries, keys, strict=True)}
+    return sorted(entries, key=lambda e: rank[e.id])
 
-    return sorted(entries, key=lambda e: (*content_key(e.tensor), float(weights[e.id])))
+
+_SAMPLE = 4096
 
 
-def content_key(tensor: torch.Tensor) -> tuple[float, float]:
-    """The content part of the canonical order; the evolve cache sorts its rows by it too."""
-    return (
-        float(tensor.sum(dtype=torch.float64)),
-        float(torch.linalg.vector_norm(tensor, dtype=torch.float64)),
-    )
+def content_keys(tensors: Sequence[torch.Tensor]) -> list[tuple[float, float]]:
+    """(sum, norm) in float64 of each tensor: of ~4096 evenly spaced entries, or of all.
+
+    The sample costs nothing next to the merge (the full float64 key was 15% of it);
+    only when two tensors tie on their samples, e.g. experts that changed other
+    entries than the sampled ones, are all keys taken over every entry. Tensors that
+    still tie are identical in practice, and their order cannot matter.
+    """
+
+    def key(tensor: torch.Tensor, step: int) -> tuple[float, float]:
+        flat = tensor.reshape(-1)[::step]
+        return (
+            float(flat.sum(dtype=torch.float64)),
+            float(torch.linalg.vector_norm(flat, dtype=torch.float64)),
+        )
+
+    quick = [key(t, max(1, t.numel() // _SAMPLE)) for t in tensors]
+    if len(set(quick)) == len(quick):
+        return quick
+    return [key(t, 1) for t in tensors]
+
+
+class TaskVectors(NamedTuple):
+    base: torch.Tensor  # flat base in the compute dtype (may alias the input)
+    tau: torch.Tensor  # n x d
+    finite: bool  # no NaN/Inf anywhere in tau
+    changed: bool  # some entry of tau is nonzero
+
+
+def task_vectors(
+    base: torch.Tensor, experts: Sequence[torch.Tensor], *, reuse: bool = False
+) -> TaskVectors:
+    """The flat base and the n x d task vectors, both in the compute dtype.
+
+    Each expert is subtracted straight into its row, chunk by chunk in threads
+    (one pass, no converted copy), and each chunk's extremes are taken while it is
+    in cache (finiteness and "changed" need no extra pass). An expert whose dtype
+    is wider than the compute dtype is first rounded to it, so every row is
+    round(expert) - round(base) whatever the inputs' dtypes. ``reuse`` writes into
+    this thread's reusable buffer (see mergekit_pcb.workspace): only for a caller
+    that is done with the result before the next call.
+    """
+    work = compute_dtype(base.dtype)
+    base_work = base.to(work).reshape(-1)
+    n, d = len(experts), base.numel()
+    if reuse:
+        tau = workspace.buffer("task vectors", n * d, work, base.device).view(n, d)
+    else:
+        tau = torch.empty((n, d), dtype=work, device=base.device)
+    rows = [e.reshape(-1) for e in experts]
+    rows = [r if torch.promote_types(r.dtype, work) == work else r.to(work) for r in rows]
+
+    def subtract(cols: slice) -> torch.Tensor:
+        for i, row in enumerate(rows):
+            torch.sub(row[cols], base_work[cols], out=tau[i, cols])
+        return torch.stack([tau[:, cols].amax(), tau[:, cols].amin()])
+
+    extremes = parallel.map_chunks(subtract, column_chunks(n, d), base.device) if d else []
+    extremes = torch.cat(extremes) if extremes else torch.zeros(2, dtype=work)
+    return TaskVectors(base_work, tau, bool(torch.isfinite(extremes).all()), bool(extremes.any()))
 
 
 class PCBMerge(GroupMergeMethod):
@@ -163,7 +230,7 @@ class PCBMerge(GroupMergeMethod):
         if params["pcb_scope"] == "model":
             # First, so the statistics passes (run by the first call) hold no tau of ours.
             stats = model_scope.statistics(NAME, prepare)
-        prepared = prepare(group, params)
+        prepared = prepare(group, params, reuse=True)  # done with it before the next call
         base, experts, tau = group.base.tensor, prepared.experts, prepared.tau
         if prepared.unchanged:
             return base
@@ -186,41 +253,30 @@ class PCBMerge(GroupMergeMethod):
                 pcb_ratio=params["pcb_ratio"],
                 clamp_ratio=params["clamp_ratio"],
             )
-        # Out of place: base_work may alias the caller's tensor when it is already float32.
-        return (
-            torch.add(prepared.base, merged, alpha=params["lambda"])
-            .reshape(base.shape)
-            .to(base.dtype)
-        )
+        return add_scaled(prepared.base, merged, params["lambda"], base.dtype).reshape(base.shape)
 
 
-def prepare(group: TensorGroup, params: dict) -> model_scope.Prepared:
+def prepare(group: TensorGroup, params: dict, *, reuse: bool = False) -> model_scope.Prepared:
     """Flattened base and task vectors in the compute dtype, experts in canonical order.
 
     Shared by merge_group and the model-scope statistics passes, which must see
     bit-identical task vectors (in the same row order) for the cut to be exact.
-    Finiteness is checked on tau: one cheap reduction, since NaN/Inf in any input
-    reaches tau; only then is the slow per-input scan run to name the culprit.
+    Finiteness is checked on tau (its extremes come free with it), since NaN/Inf
+    in any input reaches tau; only then is the slow per-input scan run to name
+    the culprit.
+    ``reuse``: tau lives in this thread's reusable buffer (see :func:`task_vectors`).
     """
-    base = group.base.tensor
     experts = canonical_order(group.non_base, params["weight"])
-    work = compute_dtype(base.dtype)
-    base_work = base.to(work).reshape(-1)
-    # Convert each expert straight into its row (same floats as stacking converted copies,
-    # without n temporaries and a second copy).
-    tau = torch.empty((len(experts), base.numel()), dtype=work, device=base.device)
-    for row, entry in zip(tau, experts, strict=True):
-        row.copy_(entry.tensor.reshape(-1))
-    tau.sub_(base_work)
-    extremes = torch.stack([tau.amax(), tau.amin()]) if tau.numel() else torch.zeros(2)
-    if not bool(torch.isfinite(extremes).all()):
+    vectors = task_vectors(group.base.tensor, [e.tensor for e in experts], reuse=reuse)
+    work = vectors.tau.dtype
+    if not vectors.finite:
         check_finite(group)
         raise ValueError(
             f"pcb: tensor '{group.metadata.name}': a task vector overflows {work} "
             "(model minus base_model exceeds its range); allowed: differences representable "
             f"in {work} (set dtype: float64)"
         )
-    return model_scope.Prepared(tuple(experts), base_work, tau, not bool(extremes.any()))
+    return model_scope.Prepared(tuple(experts), vectors.base, vectors.tau, not vectors.changed)
 
 
 pcb = PCBMerge()

@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 
 from mergekit_pcb.evolve.layout import PlannedTensor
-from mergekit_pcb.kernel import compute_dtype, cut_index, scores
-from mergekit_pcb.method import content_key
+from mergekit_pcb.kernel import cut_index, scores
+from mergekit_pcb.method import content_keys, task_vectors
 
 META = "cache.json"
 DEFAULT_RATIO = 0.1  # PCB's default, always scored as the baseline
@@ -159,14 +159,12 @@ def cut_table(score: torch.Tensor, ratios: tuple[float, float]) -> dict[str, tor
 
 
 def prepare(base: torch.Tensor, experts: list[torch.Tensor], clamp_ratio: float):
-    """Steps 1-8 exactly as ``PCBMerge.merge_group`` runs them (same ops, same floats)."""
-    work = compute_dtype(base.dtype)
-    base_work = base.to(work).reshape(-1)
-    tau = torch.stack([e.to(work).reshape(-1) for e in experts]).sub_(base_work)
-    if not tau.any():
-        return base_work.clone(), None, None
-    clipped, score = scores(tau, clamp_ratio=clamp_ratio)
-    return base_work.clone(), clipped, score
+    """Steps 1-8 exactly as ``PCBMerge.merge_group`` runs them (same functions, same floats)."""
+    vectors = task_vectors(base, experts)
+    if not vectors.changed:
+        return vectors.base.clone(), None, None
+    clipped, score = scores(vectors.tau, clamp_ratio=clamp_ratio)
+    return vectors.base.clone(), clipped, score
 
 
 def build(
@@ -205,7 +203,7 @@ def build(
                 )
         # The method's canonical expert order (content first, see method.canonical_order):
         # it does not depend on the searched weights, so one cached order serves all.
-        keys = [content_key(e) for e in experts]
+        keys = content_keys(experts)
         order = sorted(range(len(experts)), key=lambda j: keys[j])
         experts = [experts[j] for j in order]
         base_flat, clipped, score = prepare(base, experts, p.clamp_ratio)

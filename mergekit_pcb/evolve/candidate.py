@@ -15,7 +15,7 @@ import torch
 from mergekit_pcb.evolve.cache import CachedTensor, TensorCache
 from mergekit_pcb.evolve.config import EvolveConfig
 from mergekit_pcb.evolve.layout import Values
-from mergekit_pcb.kernel import combine, cut_index, drop_weights
+from mergekit_pcb.kernel import add_scaled, combine, cut_index, drop_weights
 
 
 @dataclass(frozen=True)
@@ -103,7 +103,7 @@ def merged_tensor(tensor: CachedTensor, arrays: dict, values: Values) -> torch.T
     # Without a table entry drop_weights selects the cut itself: the same value.
     weights = drop_weights(score, ratio, threshold=threshold, top=top)  # cache untouched
     merged = combine(clipped, weights, coefficients)
-    return torch.add(base, merged, alpha=values.lambda_)
+    return add_scaled(base, merged, values.lambda_)
 
 
 class ModelWriter:

@@ -170,6 +170,11 @@ class StreamingSelector:
         return self.level >= self.passes
 
     def feed(self, chunk: torch.Tensor) -> None:
+        self.add(self.count(chunk))
+
+    def count(self, chunk: torch.Tensor) -> dict:
+        """This pass's histograms of one chunk; reads no state that :meth:`add` writes,
+        so threads may count chunks concurrently and add them one at a time."""
         if self.done:
             raise RuntimeError("all passes are already done")
         if chunk.dtype != self.dtype:
@@ -177,18 +182,19 @@ class StreamingSelector:
         bits = _as_bits(chunk)
         buffer = torch.empty_like(bits)
         if self.level == 0:
-            self.total += bits.numel()
-            self._add(None, _top_histogram(bits, self._width, buffer))
-            return
-        for prefix in {search.prefix for search in self._searches}:
-            self._add(prefix, _digit_histogram(bits, prefix, self.level, self._width, buffer))
+            return {None: (bits.numel(), _host(_top_histogram(bits, self._width, buffer)))}
+        return {
+            prefix: (0, _host(_digit_histogram(bits, prefix, self.level, self._width, buffer)))
+            for prefix in {search.prefix for search in self._searches}
+        }
 
-    def _add(self, key, counts: torch.Tensor) -> None:
-        counts = _host(counts)
-        if key in self._counts:
-            self._counts[key] += counts
-        else:
-            self._counts[key] = counts
+    def add(self, counted: dict) -> None:
+        for key, (elements, counts) in counted.items():
+            self.total += elements
+            if key in self._counts:
+                self._counts[key] += counts
+            else:
+                self._counts[key] = counts
 
     def advance(self) -> None:
         """Fix one more digit of every rank from the histograms of this pass."""

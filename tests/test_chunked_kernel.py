@@ -1,0 +1,191 @@
+"""The speed machinery of the kernel, checked against plain sorts and the float64 reference.
+
+Chunks, block extremes, threads, the expm1 tanh, reusable buffers and the sampled
+content key all change *how* the numbers are computed, never *which* numbers: every
+test here compares with an obviously-correct computation, or with the same merge
+computed another way (one chunk vs many, one thread vs two), which must agree bit
+for bit.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import assert_close_to_reference
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from mergekit.merge_methods import merge_tensors
+from reference import reference_merge
+
+import mergekit_pcb  # noqa: F401  (registers pcb)
+from mergekit_pcb import kernel, method, parallel, selection, workspace
+
+
+@pytest.fixture
+def threads():
+    """Restore torch's thread count whatever a test sets."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def merge(base, experts, **parameters):
+    return merge_tensors([base, *experts], "pcb", base_index=0, parameters=parameters)
+
+
+def family(d: int, n: int, seed: int, *, zeros: float = 0.0):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(d, generator=g)
+    tau = 0.02 * torch.randn(n, d, generator=g)
+    tau *= torch.rand(n, d, generator=g) >= zeros  # exact zeros, as in bf16 fine-tunes
+    tau[:, :: max(1, d // 7)] *= 50  # outliers for the clip
+    return base, [base + row for row in tau]
+
+
+@pytest.mark.parametrize("d,n,zeros", [(20_000, 3, 0.0), (9_001, 2, 0.6), (4_099, 5, 0.95)])
+def test_many_chunks_and_block_extremes_match_reference(monkeypatch, threads, d, n, zeros):
+    """Chunks of a few blocks (the last one partial), extreme clip ranks by blocks."""
+    base, experts = family(d, n, seed=d, zeros=zeros)
+    params = {"pcb_ratio": 0.2, "clamp_ratio": 5e-4, "lambda": 1.1}
+    # rank int(d * 5e-4) is extreme for d >= 1024 * (rank + 1): the block path runs.
+    assert selection._is_extreme(int(d * 5e-4), d) == "low"
+    whole = merge(base, experts, **params)
+    monkeypatch.setattr(kernel, "CHUNK_ELEMENTS", 7 * selection.BLOCK * n + 5)
+    assert len(kernel.column_chunks(n, d)) >= 9
+    for count in (1, 2):
+        torch.set_num_threads(count)
+        chunked = merge(base, experts, **params)
+        assert torch.equal(chunked, whole), f"{count} thread(s)"
+    expected = reference_merge(base, experts, pcb_ratio=0.2, clamp_ratio=5e-4, lam=1.1)
+    assert_close_to_reference(whole, expected)
+
+
+@st.composite
+def matrices(draw):
+    n = draw(st.integers(1, 4))
+    d = draw(st.integers(1, 3000))
+    seed = draw(st.integers(0, 2**31 - 1))
+    kind = draw(st.sampled_from(["normal", "ties", "zeros", "signed zeros"]))
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g, dtype=torch.float64)
+    if kind == "ties":
+        x = torch.round(x * 2)
+    elif kind == "zeros":
+        x *= torch.rand(n, d, generator=g, dtype=torch.float64) < 0.05
+    elif kind == "signed zeros":
+        x = torch.where(x > 0, torch.zeros_like(x), -torch.zeros_like(x))
+    dtype = draw(st.sampled_from([torch.float32, torch.float64]))
+    extreme = draw(st.integers(0, 3))
+    ranks = [extreme, d - 1 - min(extreme, d - 1), d // 2, int(d * 0.8)]
+    return x.to(dtype), [min(max(k, 0), d - 1) for k in ranks]
+
+
+@settings(max_examples=40, deadline=None)
+@given(matrices(), st.sampled_from([1, 2, 4]), st.integers(1, 5))
+def test_row_selection_equals_sort_for_any_chunking(case, block, chunk_blocks):
+    """Small blocks make the block path run for small d; chunks arrive shuffled."""
+    x, ranks = case
+    n, d = x.shape
+    original = selection.BLOCK
+    selection.BLOCK = block
+    try:
+        columns = selection.column_chunks(d, chunk_blocks * block)
+        pick = selection.RowSelection(n, d, x.dtype, ranks)
+        for cols in reversed(columns):  # any order
+            pick.feed(cols, x[:, cols])
+        got = pick.finish(
+            columns, lambda c: x[:, c], lambda i, c: x[i].index_select(0, c), x.device
+        )
+    finally:
+        selection.BLOCK = original
+    want = torch.sort(x, dim=1).values[:, ranks]
+    assert torch.equal(got, want)
+
+
+def test_block_path_with_a_mostly_zero_row():
+    """Thousands of tied zero block minima: the answer is the bound itself, no gather."""
+    d = 64 * 400
+    x = torch.zeros(2, d)
+    x[0, 5] = -1.0  # one element below every block minimum of 0
+    x[1, ::97] = torch.arange(1, len(range(0, d, 97)) + 1, dtype=torch.float32)
+    ranks = [0, 1, 20, d - 1, d - 3]
+    assert torch.equal(kernel.order_statistics(x, ranks), torch.sort(x, dim=1).values[:, ranks])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_expm1_tanh_within_two_ulp(dtype):
+    tiny = torch.tensor([0.0, -0.0, 1e-30, -1e-30, 1e-8, -3e-6], dtype=dtype)
+    spread = torch.logspace(-20, 2, 4000, dtype=torch.float64).to(dtype)
+    x = torch.cat(
+        [tiny, spread, -spread, torch.tensor([19.9, 20.0, 25.0, 1e30, -1e30], dtype=dtype)]
+    )
+    got = kernel._tanh_(x.clone(), torch.empty_like(x))
+    exact = torch.tanh(x.double())
+    ulp = torch.finfo(dtype).eps * exact.abs().clamp(min=torch.finfo(dtype).tiny)
+    assert torch.all((got.double() - exact).abs() <= 2 * ulp)
+    assert torch.equal(torch.signbit(got[:2]), torch.signbit(x[:2]))  # tanh(-0) = -0
+
+
+def test_map_chunks_restores_threads_keeps_order_and_raises(threads):
+    torch.set_num_threads(2)
+    seen = parallel.map_chunks(lambda i: (i, torch.get_num_threads()), list(range(9)), "cpu")
+    assert [i for i, _ in seen] == list(range(9))
+    assert all(inner == 1 for _, inner in seen)  # the pool's ops run single-threaded
+    assert torch.get_num_threads() == 2
+    nested = parallel.map_chunks(
+        lambda i: parallel.map_chunks(lambda j: j * i, [1, 2], "cpu"), [1, 2, 3], "cpu"
+    )
+    assert nested == [[1, 2], [2, 4], [3, 6]]
+
+    def fail(i):
+        raise ValueError(f"chunk {i}")
+
+    with pytest.raises(ValueError, match="chunk"):
+        parallel.map_chunks(fail, [1, 2], "cpu")
+    assert torch.get_num_threads() == 2
+
+
+def test_workspace_reuses_small_buffers_only(monkeypatch):
+    workspace.release()
+    a = workspace.buffer("t", 1000, torch.float32, torch.device("cpu"))
+    b = workspace.buffer("t", 500, torch.float32, torch.device("cpu"))
+    assert b.data_ptr() == a.data_ptr()  # the same memory, reused
+    c = workspace.buffer("t", 4000, torch.float32, torch.device("cpu"))
+    assert c.numel() == 4000  # grown
+    other = workspace.buffer("u", 10, torch.float32, torch.device("cpu"))
+    assert other.data_ptr() != c.data_ptr()
+    monkeypatch.setattr(workspace, "MAX_BYTES", 1024)
+    big = workspace.buffer("t", 1000, torch.float32, torch.device("cpu"))
+    again = workspace.buffer("t", 1000, torch.float32, torch.device("cpu"))
+    assert big.data_ptr() != again.data_ptr()  # too big to hold: fresh each time
+    workspace.release()
+
+
+def test_sampled_content_keys_fall_back_to_full_keys():
+    """Experts equal on every sampled entry still get distinct keys, so a fixed order."""
+    d = 64 * 1024
+    step = d // method._SAMPLE
+    base = torch.zeros(d)
+    a, b = base.clone(), base.clone()
+    a[1], b[2] = 0.5, -0.25  # off the sample grid (multiples of step)
+    assert step > 2
+    keys = method.content_keys([a, b])
+    assert keys[0] != keys[1]
+    full = [(float(t.double().sum()), float(t.double().norm())) for t in (a, b)]
+    assert keys == full
+    for order in ([a, b], [b, a]):
+        out = merge(base, order, pcb_ratio=1.0, clamp_ratio=0.0)
+        assert torch.equal(out, merge(base, [a, b], pcb_ratio=1.0, clamp_ratio=0.0))
+
+
+def test_task_vectors_round_wider_inputs_first_and_flag_content():
+    base = torch.tensor([1.0, 2.0, 3.0])
+    wide = torch.tensor([1.0 + 1e-12, 2.5, 3.0], dtype=torch.float64)
+    vectors = method.task_vectors(base, [wide, base.clone()])
+    assert vectors.tau.dtype == torch.float32
+    assert torch.equal(vectors.tau[0], wide.float() - base)  # round(expert) - base
+    assert vectors.finite and vectors.changed
+    same = method.task_vectors(base, [base.clone()])
+    assert same.finite and not same.changed
+    bad = method.task_vectors(base, [torch.tensor([1.0, float("nan"), 3.0])])
+    assert not bad.finite
