@@ -5,8 +5,9 @@
 Prints, for one seed of the full regime (trained checkpoints come from the cache):
 the cosine similarity of the experts' task vectors, the share of entries where the
 experts disagree in sign, and PCB's validation score when its clip quantile, kept
-ratio or statistics scope change around the values the benchmark chose. Only the
-validation split is used, so nothing here is tuned on test.
+ratio or statistics scope change around the values the benchmark chose, and TIES's
+validation score beyond the shared grid's largest scale. Only the validation split is
+used, so nothing here is tuned on test.
 """
 
 from __future__ import annotations
@@ -78,20 +79,28 @@ def main(seed: int, threads: int) -> None:
     methods = {m.label: m for m in METHODS}
     pcb, scoped = methods["pcb"], methods.get("pcb (model scope)")
     rows = []
-    for lam in (0.25, 0.35, 0.5):
-        for ratio in (0.05, 0.1, 0.2, 0.4, 1.0):
+    for lam in (1.0, 1.4, 2.0):
+        for ratio in (0.05, 0.1, 0.2, 0.4, 0.7, 1.0):
             for clamp in (1e-4, 0.01, 0.05):
                 params = {"weight": 1.0, "lambda": lam, "pcb_ratio": ratio, "clamp_ratio": clamp}
                 rows.append(
                     {**params, "val_normalized": round(score(merge(pcb, base, experts, params)), 4)}
                 )
     if scoped is not None and scoped.available():
-        for lam in (0.25, 0.35, 0.5):
-            for ratio in (0.05, 0.1, 0.2, 0.4):
+        for lam in (1.0, 1.4, 2.0):
+            for ratio in (0.2, 0.4, 0.7):
                 params = {"weight": 1.0, "lambda": lam, "pcb_ratio": ratio, "pcb_scope": "model"}
                 state = merge(scoped, base, experts, params, on_disk)
                 rows.append({**params, "val_normalized": round(score(state), 4)})
     out["pcb_val_sweep"] = rows
+    # TIES chose the grid's largest scale on every seed: is its optimum beyond the grid?
+    ties_rows = []
+    for lam in (1.4, 2.0, 2.8, 4.0):
+        for density in (0.4, 0.7, 1.0):
+            params = {"weight": 1.0, "lambda": lam, "density": density}
+            state = merge(methods["ties"], base, experts, params)
+            ties_rows.append({**params, "val_normalized": round(score(state), 4)})
+    out["ties_val_sweep"] = ties_rows
     click.echo(json.dumps(out, indent=1))
 
 

@@ -155,6 +155,24 @@ def comparison_lines(summary: dict) -> str:
     return "\n".join(out)
 
 
+def _replay_line(r: dict) -> str:
+    share = r.get("expert_replay", 0.0)
+    if not share:
+        return "No replay of the other tasks."
+    source = r.get("replay_source", "base")
+    what = {
+        "kl": "distilled from the base (KL divergence to the base's next-token distributions "
+        "along the base's own greedy answers), so each expert keeps the base's behaviour on "
+        "the other tasks without being taught them",
+        "base": "answered by the base's own greedy answers (hard labels)",
+        "data": "answered correctly (the experts then also learn the other tasks)",
+    }[source]
+    return (
+        f"{100 * share:g}% of every expert batch replays the other tasks' prompts, {what} "
+        f"(`expert_replay={share:g}`, `replay_source={source}`)."
+    )
+
+
 def markdown(summary: dict) -> str:
     r = summary["regime"]
     m = summary["machine"]
@@ -209,7 +227,7 @@ def markdown(summary: dict) -> str:
         "all tasks (batch {0}).".format(r["batch_size"]),
         f"- Experts: {r['expert_steps']} steps at lr {r['expert_lr']:g} on one task each, "
         f"trainable parameters: {r['expert_trainable'] or 'all'}; seeds {list(r['seeds'])} "
-        "change the experts' data and order.",
+        "change the experts' data and order. " + _replay_line(r),
         f"- Tuning grid, the same for every method: scale (`lambda`) in {list(r['scales'])}; "
         f"kept fraction (TIES/DARE `density`, PCB `pcb_ratio`) in {list(r['densities'])}. "
         "`linear` is the plain average of the experts (nothing to tune). PCB's `clamp_ratio` "
@@ -250,7 +268,7 @@ def plot(summary: dict, path: Path) -> None:
     values = [100 * r[1] for r in rows]
     bars = ax.bar(names, values, yerr=[100 * r[2] for r in rows], color=colors, capsize=4)
     ax.bar_label(bars, labels=[f"{v:.1f}" for v in values], padding=2, fontsize=8)
-    # The methods differ by tenths of a point: a zero-based axis would hide them.
+    # The methods differ by a point or less: a zero-based axis would hide that.
     low = max(0.0, 5 * (min(values) // 5) - 5)
     ax.set_ylabel(f"normalised exact match (%), axis from {low:g}")
     ax.set_title(

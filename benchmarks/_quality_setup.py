@@ -23,8 +23,9 @@ from mergekit_pcb.tiny import new_llama, tiny_llama_config
 
 CACHE_ENV = "MERGEKIT_PCB_BENCH_CACHE"
 # Bump when the training code changes in a way the regime's fields do not capture.
-TRAINING_VERSION = 1
+TRAINING_VERSION = 2
 VAL_SEED, TEST_SEED = 10_001, 20_002
+REPLAY_SOURCES = ("kl", "base", "data")
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,14 @@ class Regime:
     expert_steps: int
     expert_lr: float
     expert_trainable: str | None
+    # Share of each expert's training batches that replay the other tasks' prompts:
+    # "kl": distilled from the base (KL to its next-token distributions along its own
+    # greedy answers; Learning without Forgetting), so the expert keeps the base's
+    # behaviour there, right or wrong, without learning those tasks; "base": the base's
+    # greedy answers as hard labels (this also sharpens the base's behaviour there);
+    # "data": the true answers (the expert then also improves the other tasks).
+    expert_replay: float = 0.0
+    replay_source: str = "base"
     batch_size: int = 64
     train_per_task: int = 4000
     # Evaluation (not part of the cache key).
@@ -63,6 +72,8 @@ class Regime:
             "expert_steps",
             "expert_lr",
             "expert_trainable",
+            "expert_replay",
+            "replay_source",
             "batch_size",
             "train_per_task",
         ),
@@ -89,11 +100,14 @@ FULL = Regime(
     hidden_size=128,
     num_layers=2,
     num_heads=4,
-    base_steps=400,
+    base_steps=300,
     base_lr=3e-3,
-    expert_steps=60,
-    expert_lr=1e-4,
+    expert_steps=200,
+    expert_lr=2e-4,
     expert_trainable=None,
+    expert_replay=0.5,
+    replay_source="kl",
+    scales=(0.25, 0.35, 0.5, 0.7, 1.0, 1.4, 2.0),
 )
 QUICK = Regime(
     name="quick",
@@ -103,9 +117,11 @@ QUICK = Regime(
     num_heads=4,
     base_steps=300,
     base_lr=3e-3,
-    expert_steps=60,
-    expert_lr=1e-4,
+    expert_steps=100,
+    expert_lr=2e-4,
     expert_trainable=None,
+    expert_replay=0.5,
+    replay_source="kl",
     seeds=(0,),
     n_val=150,
     n_test=500,
@@ -178,6 +194,30 @@ def recorded_seconds(root: Path) -> float | None:
     return sum(float(s.read_text()) for s in sidecars)
 
 
+def replay_pool(regime: Regime, base, tokenizer, seed: int) -> dict[str, list[toy.Example]]:
+    """Per task, the prompts an expert of another task replays, answered per ``replay_source``.
+
+    Sized so that, mixed into an expert's examples ("base", "data"), ``expert_replay``
+    of them are replay, split equally over the other tasks; with "kl" that share of
+    every batch is drawn from the pool instead. The prompts' seed is distinct from every
+    training, validation and test seed.
+    """
+    if not 0.0 <= regime.expert_replay < 1.0:
+        raise ValueError(f"expert_replay must be in [0, 1), got {regime.expert_replay}")
+    if regime.replay_source not in REPLAY_SOURCES:
+        raise ValueError(
+            f"replay_source must be one of {REPLAY_SOURCES}, got {regime.replay_source!r}"
+        )
+    if regime.expert_replay == 0.0:
+        return {task: [] for task in regime.tasks}
+    total = round(regime.train_per_task * regime.expert_replay / (1.0 - regime.expert_replay))
+    per_task = max(1, total // (len(regime.tasks) - 1))
+    pool = {task: toy.make_examples(task, per_task, 500 + seed) for task in regime.tasks}
+    if regime.replay_source in ("base", "kl"):
+        pool = {task: toy.greedy_answers(base, tokenizer, exs) for task, exs in pool.items()}
+    return pool
+
+
 def build_family(regime: Regime, *, log=print) -> Family:
     tokenizer = toy.toy_tokenizer()
     config = model_config(regime, tokenizer)
@@ -209,6 +249,13 @@ def build_family(regime: Regime, *, log=print) -> Family:
     base.eval()
 
     experts: dict[int, dict[str, dict[str, torch.Tensor]]] = {}
+    pools: dict[int, dict[str, list[toy.Example]]] = {}
+
+    def replay(task: str, seed: int) -> list[toy.Example]:
+        if seed not in pools:  # made only when some expert of this seed is not cached
+            pools[seed] = replay_pool(regime, base, tokenizer, seed)
+        return [ex for other in regime.tasks if other != task for ex in pools[seed][other]]
+
     for seed in regime.seeds:
         experts[seed] = {}
         for index, task in enumerate(regime.tasks):
@@ -216,10 +263,18 @@ def build_family(regime: Regime, *, log=print) -> Family:
             def train_expert(task=task, seed=seed, index=index):
                 model = copy.deepcopy(base)
                 data = toy.make_examples(task, regime.train_per_task, 1000 * (seed + 1) + index)
+                distill = {}
+                if regime.replay_source == "kl" and regime.expert_replay > 0:
+                    distill = dict(
+                        distill=replay(task, seed), teacher=base, distill_share=regime.expert_replay
+                    )
+                else:
+                    data += replay(task, seed)
                 toy.train(
                     model,
                     tokenizer,
                     data,
+                    **distill,
                     steps=regime.expert_steps,
                     lr=regime.expert_lr,
                     batch_size=regime.batch_size,

@@ -11,7 +11,8 @@ not about new tokens or formats.
 
 Stable API: :data:`TASKS`, :func:`make_examples`, :func:`make_mixture`,
 :func:`encode`, :func:`train`, :func:`train_lora`, :func:`correct`, :func:`exact_match`,
-:func:`per_task_accuracy`, :func:`to_jsonl`, :func:`from_jsonl`, :func:`toy_tokenizer`.
+:func:`per_task_accuracy`, :func:`greedy_answers`, :func:`to_jsonl`, :func:`from_jsonl`,
+:func:`toy_tokenizer`.
 """
 
 from __future__ import annotations
@@ -206,6 +207,25 @@ def _loss(model, batch: Batch) -> torch.Tensor:
     )
 
 
+def _rows(data: Batch, idx: torch.Tensor) -> Batch:
+    """The rows ``idx`` of an encoded set, trimmed to their longest sequence."""
+    width = int(data.attention_mask[idx].sum(1).max())
+    return Batch(
+        data.input_ids[idx, :width], data.attention_mask[idx, :width], data.labels[idx, :width]
+    )
+
+
+def _kl(model, teacher, batch: Batch) -> torch.Tensor:
+    """KL(teacher || model) of the next-token distributions at the labelled positions."""
+    scored = batch.labels[:, 1:] != IGNORE
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    with torch.no_grad():
+        target = teacher(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    log_p = torch.log_softmax(logits[:, :-1][scored].float(), -1)
+    log_q = torch.log_softmax(target[:, :-1][scored].float(), -1)
+    return torch.nn.functional.kl_div(log_p, log_q, log_target=True, reduction="batchmean")
+
+
 def _select(model, trainable) -> list[torch.nn.Parameter]:
     """Parameters to train: all, those whose name matches a regex, or a predicate."""
     if trainable is None:
@@ -232,6 +252,9 @@ def train(
     warmup: int = 0,
     trainable: str | Callable[[str], bool] | None = None,
     optimizer: str = "adamw",
+    distill: Sequence[Example] = (),
+    teacher=None,
+    distill_share: float = 0.5,
 ) -> list[float]:
     """AdamW with linear warmup and cosine decay; returns the loss of every step.
 
@@ -242,9 +265,19 @@ def train(
     fine-tune only the MLPs so task vectors stay small and local.
     Batches are sampled with replacement from ``examples`` by a seeded generator, so
     a run is a pure function of its arguments (on one machine and thread count).
+
+    ``distill`` (with ``teacher``) adds Learning-without-Forgetting style
+    self-distillation: ``distill_share`` of every batch is drawn from ``distill``
+    (prompts followed by the teacher's own answers, see :func:`greedy_answers`) and
+    scored by the KL divergence from the teacher's next-token distribution at the
+    answer positions, so the model keeps the teacher's behaviour there; the loss is
+    ``(1 - share) * cross-entropy + share * KL``. At the start (model = teacher) that
+    term and its gradient are zero: it only pulls back what the own task moves.
     """
     if steps < 0 or not examples:
         raise ValueError(f"train: need steps >= 0 and a non-empty example list (steps={steps})")
+    if distill and (teacher is None or not 0.0 < distill_share < 1.0):
+        raise ValueError("train: distill needs a teacher and 0 < distill_share < 1")
     params = _select(model, trainable)
     wanted = {id(p) for p in params}
     frozen = [p for p in model.parameters() if id(p) not in wanted]
@@ -267,18 +300,20 @@ def train(
         return 0.5 * (1 + math.cos(math.pi * progress))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    share = distill_share if distill else 0.0
+    own_rows = batch_size - round(batch_size * share)
+    replay = encode(tokenizer, distill) if distill else None
+    if teacher is not None:
+        teacher.eval()
     model.train()
     losses = []
     try:
         for _ in range(steps):
-            idx = torch.randint(len(examples), (batch_size,), generator=generator)
-            width = int(data.attention_mask[idx].sum(1).max())
-            batch = Batch(
-                data.input_ids[idx, :width],
-                data.attention_mask[idx, :width],
-                data.labels[idx, :width],
-            )
-            loss = _loss(model, batch)
+            idx = torch.randint(len(examples), (own_rows,), generator=generator)
+            loss = _loss(model, _rows(data, idx))
+            if replay is not None:
+                ridx = torch.randint(len(distill), (batch_size - own_rows,), generator=generator)
+                loss = (1 - share) * loss + share * _kl(model, teacher, _rows(replay, ridx))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -373,6 +408,50 @@ def per_task_accuracy(model, tokenizer, examples: Sequence[Example]) -> dict[str
         task: float(hits[[i for i, ex in enumerate(examples) if ex.task == task]].float().mean())
         for task in tasks
     }
+
+
+@torch.no_grad()
+def greedy_answers(
+    model, tokenizer, examples: Sequence[Example], *, max_new: int = 16, batch_size: int = 512
+) -> list[Example]:
+    """The examples with each answer replaced by what ``model`` greedily generates.
+
+    Used to replay a model's own behaviour (self-distillation): an expert fine-tuned on
+    its task plus the base's own answers to the other tasks' prompts learns its task
+    without moving the base's behaviour elsewhere, right or wrong. Prompts are decoded
+    in groups of equal length (no padding); an example whose generation does not end
+    with the end token within ``max_new`` tokens, or that produces a token outside the
+    task alphabet, is dropped. Output order follows the input order.
+    """
+    model.eval()
+    vocab = tokenizer.get_vocab()
+    chars = {vocab[c]: c for c in ALPHABET}
+    bos, eos, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
+    by_length: dict[int, list[int]] = {}
+    for i, ex in enumerate(examples):
+        by_length.setdefault(len(ex.prompt), []).append(i)
+    answers: dict[int, str] = {}
+    for indices in by_length.values():
+        for start in range(0, len(indices), batch_size):
+            chunk = indices[start : start + batch_size]
+            prompt = torch.tensor([[bos, *(vocab[c] for c in examples[i].prompt)] for i in chunk])
+            out = model.generate(
+                input_ids=prompt,
+                attention_mask=torch.ones_like(prompt),
+                max_new_tokens=max_new,
+                do_sample=False,
+                eos_token_id=eos,
+                pad_token_id=pad,
+            )[:, prompt.shape[1] :].tolist()
+            for i, row in zip(chunk, out, strict=True):
+                if eos not in row:
+                    continue
+                body = row[: row.index(eos)]
+                if all(t in chars for t in body):
+                    answers[i] = "".join(chars[t] for t in body)
+    return [
+        Example(ex.task, ex.prompt, answers[i]) for i, ex in enumerate(examples) if i in answers
+    ]
 
 
 def to_jsonl(examples: Iterable[Example], path: os.PathLike) -> Path:

@@ -168,6 +168,31 @@ def test_toy_tasks_match_hand_worked_answers():
         toy.make_examples("nope", 1, 0)
 
 
+def test_greedy_answers_and_distillation_start_at_the_teacher():
+    """The replayed answers are the model's own; the distillation term is zero at the start."""
+    import copy
+
+    from mergekit_pcb import toy
+    from mergekit_pcb.tiny import new_llama, tiny_llama_config
+
+    torch.manual_seed(0)
+    tokenizer = toy.toy_tokenizer()
+    model = new_llama(tiny_llama_config(len(tokenizer), hidden_size=32, num_layers=1), seed=0)
+    examples = toy.make_examples("sort", 40, 5) + toy.make_examples("reverse", 40, 5)
+    toy.train(model, tokenizer, examples, steps=40, lr=3e-3, batch_size=32)  # learns the format
+    replayed = toy.greedy_answers(model, tokenizer, examples)
+    assert replayed  # some generations end with the end token within max_new
+    kept = {ex.prompt for ex in replayed}
+    assert [ex.prompt for ex in replayed] == [ex.prompt for ex in examples if ex.prompt in kept]
+    # Teacher-forced argmax reproduces every greedy answer and its end token.
+    assert bool(toy.correct(model, tokenizer, replayed).all())
+    teacher = copy.deepcopy(model)
+    batch = toy.encode(tokenizer, replayed[:8])
+    assert float(toy._kl(model, teacher, batch)) == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(ValueError, match="distill needs a teacher"):
+        toy.train(model, tokenizer, examples, steps=1, distill=replayed)
+
+
 def test_in_memory_merges_equal_mergekits_full_pipeline(quick, monkeypatch):
     """The grid rows merge in memory; the same config through run_merge gives the same weights."""
     report, res = quick
