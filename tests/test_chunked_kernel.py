@@ -189,3 +189,22 @@ def test_task_vectors_round_wider_inputs_first_and_flag_content():
     assert same.finite and not same.changed
     bad = method.task_vectors(base, [torch.tensor([1.0, float("nan"), 3.0])])
     assert not bad.finite
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fused_task_vector_equals_the_three_steps(monkeypatch, threads, dtype):
+    """pcb_task_vector (cut taken from chunks in cache, W never stored) gives the very
+    floats of scores -> drop_weights -> combine, which the evolve cache and the model
+    scope call separately."""
+    monkeypatch.setattr(kernel, "CHUNK_ELEMENTS", 3 * 64 * 9)
+    g = torch.Generator().manual_seed(3)
+    tau = (0.01 * torch.randn(3, 12_345, generator=g)).to(dtype)
+    tau *= torch.rand(3, 12_345, generator=g) > 0.3
+    coefficients = torch.tensor([0.7, 1.0, 1.3], dtype=dtype)
+    for count in (1, 2):
+        torch.set_num_threads(count)
+        fused = kernel.pcb_task_vector(tau.clone(), coefficients, pcb_ratio=0.15, clamp_ratio=1e-3)
+        clipped, score = kernel.scores(tau.clone(), clamp_ratio=1e-3)
+        weights = kernel.drop_weights(score, 0.15)
+        assert torch.equal(fused, kernel.combine(clipped, weights, coefficients))
+        assert fused.dtype == dtype
