@@ -12,7 +12,7 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -109,19 +109,12 @@ FULL = Regime(
     replay_source="kl",
     scales=(0.25, 0.35, 0.5, 0.7, 1.0, 1.4, 2.0),
 )
-QUICK = Regime(
+# The same recipe on 3 tasks, 1 seed, shorter experts and a smaller grid.
+QUICK = replace(
+    FULL,
     name="quick",
     tasks=("reverse", "sort", "rotate"),
-    hidden_size=128,
-    num_layers=2,
-    num_heads=4,
-    base_steps=300,
-    base_lr=3e-3,
     expert_steps=100,
-    expert_lr=2e-4,
-    expert_trainable=None,
-    expert_replay=0.5,
-    replay_source="kl",
     seeds=(0,),
     n_val=150,
     n_test=500,

@@ -95,18 +95,10 @@ def _each_chunk(like: torch.Tensor, step: Callable[[slice], object]) -> list:
     return parallel.map_chunks(step, column_chunks(n, d), like.device)
 
 
-def _scratch(like: torch.Tensor, count: int) -> list[torch.Tensor]:
-    """``count`` flat chunk-sized buffers for n x w chunks of ``like`` (reused per thread)."""
-    n, d = like.shape
-    width = column_chunks(n, d)[0] if d else slice(0, 0)
-    size = n * (width.stop - width.start)
-    flat = workspace.buffer("kernel scratch", count * size, like.dtype, like.device)
-    return [flat[i * size : (i + 1) * size] for i in range(count)]
-
-
-def _view(scratch: torch.Tensor, n: int, cols: slice) -> torch.Tensor:
-    """A contiguous n x w view at the start of a flat scratch buffer."""
-    return scratch[: n * (cols.stop - cols.start)].view(n, cols.stop - cols.start)
+def _buffer(role: str, n: int, cols: slice, like: torch.Tensor) -> torch.Tensor:
+    """A contiguous n x w scratch for one chunk of ``like``, reused per thread and role."""
+    w = cols.stop - cols.start
+    return workspace.buffer(role, n * w, like.dtype, like.device).view(n, w)
 
 
 def clip_bounds(tau: torch.Tensor, clamp_ratio: float) -> ClipBounds:
@@ -115,7 +107,7 @@ def clip_bounds(tau: torch.Tensor, clamp_ratio: float) -> ClipBounds:
     pick = selection.RowSelection(n, d, tau.dtype, quantile_indices(d, clamp_ratio))
 
     def magnitude(cols: slice) -> torch.Tensor:
-        return torch.abs(tau[:, cols], out=_view(_scratch(tau, 1)[0], n, cols))
+        return torch.abs(tau[:, cols], out=_buffer("kernel |tau|", n, cols, tau))
 
     _each_chunk(tau, lambda cols: pick.feed(cols, magnitude(cols)))
     both = pick.finish(
@@ -160,11 +152,11 @@ def scores(
     span = _safe_span(low, high)
 
     def chunk(cols: slice) -> None:
-        first, second = _scratch(tau, 2)
         t, s = tau[:, cols], score[:, cols]
         column_total = t.sum(dim=0) if total is None else total[cols]
-        _tanh_(torch.mul(t, column_total, out=s), _view(second, n, cols))  # C, from raw tau
-        a = torch.abs(t, out=_view(first, n, cols)).clamp_(min=low).clamp_(max=high)  # A
+        _tanh_(torch.mul(t, column_total, out=s), _buffer("kernel tanh", n, cols, tau))  # C
+        a = torch.abs(t, out=_buffer("kernel |tau|", n, cols, tau))
+        a.clamp_(min=low).clamp_(max=high)  # A
         t.sign_().mul_(a)  # T~ = sign(tau) * A
         a.sub_(low).div_(span).square_().sub_(1).mul_(n_models).exp_()  # S / e^n
         s.mul_(a)  # B = S * C
@@ -190,13 +182,8 @@ def _mix(
     """
     n, w = clipped.shape
     denominator = weights.sum(dim=0).clamp_(min=1e-12)
-    (scratch,) = _scratch_for(n, w, clipped, "kernel mix")
-    product = torch.mul(clipped, weights, out=scratch)
+    product = torch.mul(clipped, weights, out=_buffer("kernel mix", n, slice(0, w), clipped))
     torch.mv(product.T, coefficients, out=out).div_(denominator)
-
-
-def _scratch_for(n: int, w: int, like: torch.Tensor, role: str) -> list[torch.Tensor]:
-    return [workspace.buffer(role, n * w, like.dtype, like.device).view(n, w)]
 
 
 def drop_weights(
@@ -281,8 +268,7 @@ def pcb_task_vector(
     merged = torch.empty(d, dtype=tau.dtype, device=tau.device)
 
     def finish(cols: slice) -> None:
-        (weights,) = _scratch_for(n, cols.stop - cols.start, tau, "kernel weights")
-        _weights(score[:, cols], t, span, weights)
+        weights = _weights(score[:, cols], t, span, _buffer("kernel W", n, cols, tau))
         _mix(clipped[:, cols], weights, coefficients, merged[cols])
 
     _each_chunk(tau, finish)
@@ -304,8 +290,8 @@ def add_scaled(
         if out.dtype == merged.dtype:
             torch.add(base[cols], merged[cols], alpha=scale, out=out[cols])
         else:
-            (work,) = _scratch_for(1, cols.stop - cols.start, merged, "kernel output")
-            out[cols].copy_(torch.add(base[cols], merged[cols], alpha=scale, out=work[0]))
+            work = _buffer("kernel output", 1, cols, merged)[0]
+            out[cols].copy_(torch.add(base[cols], merged[cols], alpha=scale, out=work))
 
     parallel.map_chunks(chunk, column_chunks(1, d), merged.device)
     return out
