@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -21,6 +21,7 @@ from pydantic import ValidationError
 
 from mergekit_pcb import _autoload, parallel, workspace
 from mergekit_pcb.kernel import (
+    ClipSelection,
     add_scaled,
     column_chunks,
     combine,
@@ -168,27 +169,34 @@ def content_keys(tensors: Sequence[torch.Tensor]) -> list[tuple[float, float]]:
 
 
 class TaskVectors(NamedTuple):
-    base: torch.Tensor  # flat base in the compute dtype (may alias the input)
+    base: torch.Tensor  # flat base in its storage dtype (aliases the input)
     tau: torch.Tensor  # n x d
     finite: bool  # no NaN/Inf anywhere in tau
     changed: bool  # some entry of tau is nonzero
 
 
 def task_vectors(
-    base: torch.Tensor, experts: Sequence[torch.Tensor], *, reuse: bool = False
+    base: torch.Tensor,
+    experts: Sequence[torch.Tensor],
+    *,
+    reuse: bool = False,
+    observe: Callable[[slice, torch.Tensor], None] | None = None,
 ) -> TaskVectors:
-    """The flat base and the n x d task vectors, both in the compute dtype.
+    """The flat base and the n x d task vectors in the compute dtype.
 
     Each expert is subtracted straight into its row, chunk by chunk in threads
-    (one pass, no converted copy), and each chunk's extremes are taken while it is
-    in cache (finiteness and "changed" need no extra pass). An expert whose dtype
-    is wider than the compute dtype is first rounded to it, so every row is
-    round(expert) - round(base) whatever the inputs' dtypes. ``reuse`` writes into
-    this thread's reusable buffer (see mergekit_pcb.workspace): only for a caller
-    that is done with the result before the next call.
+    (one pass, no converted copy of anything), and each chunk's extremes are taken
+    while it is in cache (finiteness and "changed" need no extra pass), as is
+    anything ``observe(columns, tau_chunk)`` wants (e.g. the clip quantiles). An
+    input whose dtype is wider than the compute dtype is first rounded to it, so
+    every row is round(expert) - round(base) whatever the inputs' dtypes. The
+    returned base keeps its storage dtype: its consumers (add_scaled) promote it
+    exactly. ``reuse`` writes into this thread's reusable buffer (see
+    mergekit_pcb.workspace): only for a caller that is done with the result
+    before the next call.
     """
     work = compute_dtype(base.dtype)
-    base_work = base.to(work).reshape(-1)
+    flat = base.reshape(-1)
     n, d = len(experts), base.numel()
     if reuse:
         tau = workspace.buffer("task vectors", n * d, work, base.device).view(n, d)
@@ -198,13 +206,22 @@ def task_vectors(
     rows = [r if torch.promote_types(r.dtype, work) == work else r.to(work) for r in rows]
 
     def subtract(cols: slice) -> torch.Tensor:
+        base_chunk = flat[cols]
+        if base_chunk.dtype != work:
+            scratch = workspace.buffer(
+                "task vectors base", cols.stop - cols.start, work, flat.device
+            )
+            base_chunk = scratch.copy_(base_chunk)
         for i, row in enumerate(rows):
-            torch.sub(row[cols], base_work[cols], out=tau[i, cols])
-        return torch.stack([tau[:, cols].amax(), tau[:, cols].amin()])
+            torch.sub(row[cols], base_chunk, out=tau[i, cols])
+        chunk = tau[:, cols]
+        if observe is not None:
+            observe(cols, chunk)
+        return torch.stack([chunk.amax(), chunk.amin()])
 
     extremes = parallel.map_chunks(subtract, column_chunks(n, d), base.device) if d else []
     extremes = torch.cat(extremes) if extremes else torch.zeros(2, dtype=work)
-    return TaskVectors(base_work, tau, bool(torch.isfinite(extremes).all()), bool(extremes.any()))
+    return TaskVectors(flat, tau, bool(torch.isfinite(extremes).all()), bool(extremes.any()))
 
 
 class PCBMerge(GroupMergeMethod):
@@ -230,8 +247,14 @@ class PCBMerge(GroupMergeMethod):
         if params["pcb_scope"] == "model":
             # First, so the statistics passes (run by the first call) hold no tau of ours.
             stats = model_scope.statistics(NAME, prepare)
-        prepared = prepare(group, params, reuse=True)  # done with it before the next call
-        base, experts, tau = group.base.tensor, prepared.experts, prepared.tau
+        base = group.base.tensor
+        clip = None
+        if params["pcb_scope"] != "model":  # taken from tau's chunks as they are made
+            n, d = len(group.non_base), base.numel()
+            clip = ClipSelection(n, d, compute_dtype(base.dtype), params["clamp_ratio"])
+        # reuse: done with tau before the next call
+        prepared = prepare(group, params, reuse=True, observe=clip and clip.feed)
+        experts, tau = prepared.experts, prepared.tau
         if prepared.unchanged:
             return base
         coefficients = torch.tensor(
@@ -252,11 +275,18 @@ class PCBMerge(GroupMergeMethod):
                 coefficients,
                 pcb_ratio=params["pcb_ratio"],
                 clamp_ratio=params["clamp_ratio"],
+                bounds=clip.finish(tau),
             )
         return add_scaled(prepared.base, merged, params["lambda"], base.dtype).reshape(base.shape)
 
 
-def prepare(group: TensorGroup, params: dict, *, reuse: bool = False) -> model_scope.Prepared:
+def prepare(
+    group: TensorGroup,
+    params: dict,
+    *,
+    reuse: bool = False,
+    observe: Callable[[slice, torch.Tensor], None] | None = None,
+) -> model_scope.Prepared:
     """Flattened base and task vectors in the compute dtype, experts in canonical order.
 
     Shared by merge_group and the model-scope statistics passes, which must see
@@ -264,10 +294,13 @@ def prepare(group: TensorGroup, params: dict, *, reuse: bool = False) -> model_s
     Finiteness is checked on tau (its extremes come free with it), since NaN/Inf
     in any input reaches tau; only then is the slow per-input scan run to name
     the culprit.
-    ``reuse``: tau lives in this thread's reusable buffer (see :func:`task_vectors`).
+    ``reuse``: tau lives in this thread's reusable buffer; ``observe`` sees each
+    chunk of tau as it is made (see :func:`task_vectors`).
     """
     experts = canonical_order(group.non_base, params["weight"])
-    vectors = task_vectors(group.base.tensor, [e.tensor for e in experts], reuse=reuse)
+    vectors = task_vectors(
+        group.base.tensor, [e.tensor for e in experts], reuse=reuse, observe=observe
+    )
     work = vectors.tau.dtype
     if not vectors.finite:
         check_finite(group)

@@ -1,6 +1,6 @@
 """The speed machinery of the kernel, checked against plain sorts and the float64 reference.
 
-Chunks, block extremes, threads, the expm1 tanh, reusable buffers and the sampled
+Chunks, block extremes, threads, the fast tanh, reusable buffers and the sampled
 content key all change *how* the numbers are computed, never *which* numbers: every
 test here compares with an obviously-correct computation, or with the same merge
 computed another way (one chunk vs many, one thread vs two), which must agree bit
@@ -112,18 +112,37 @@ def test_block_path_with_a_mostly_zero_row():
     assert torch.equal(kernel.order_statistics(x, ranks), torch.sort(x, dim=1).values[:, ranks])
 
 
+def _tanh(x: torch.Tensor) -> torch.Tensor:
+    return kernel._tanh_(x.clone(), torch.empty_like(x), torch.empty_like(x))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_expm1_tanh_within_two_ulp(dtype):
+def test_tanh_within_two_ulp(dtype):
+    """Polynomial (float32, |x| < 0.125), expm1 form elsewhere: both within 2 ulp."""
     tiny = torch.tensor([0.0, -0.0, 1e-30, -1e-30, 1e-8, -3e-6], dtype=dtype)
     spread = torch.logspace(-20, 2, 4000, dtype=torch.float64).to(dtype)
+    limit = kernel._TANH_POLY_LIMIT
+    edge = torch.linspace(limit * 0.9, limit * 1.1, 2001, dtype=torch.float64).to(dtype)
     x = torch.cat(
-        [tiny, spread, -spread, torch.tensor([19.9, 20.0, 25.0, 1e30, -1e30], dtype=dtype)]
+        [tiny, spread, -spread, edge, -edge]
+        + [torch.tensor([19.9, 20.0, 25.0, 1e30, -1e30], dtype=dtype)]
     )
-    got = kernel._tanh_(x.clone(), torch.empty_like(x))
+    got = _tanh(x)
     exact = torch.tanh(x.double())
     ulp = torch.finfo(dtype).eps * exact.abs().clamp(min=torch.finfo(dtype).tiny)
     assert torch.all((got.double() - exact).abs() <= 2 * ulp)
     assert torch.equal(torch.signbit(got[:2]), torch.signbit(x[:2]))  # tanh(-0) = -0
+
+
+def test_tanh_formula_depends_only_on_the_entry():
+    """Chunks with and without entries past the polynomial's range give each entry
+    the same bits as it gets alone, so results cannot depend on chunking."""
+    x = torch.cat([torch.randn(500) * 1e-3, torch.randn(500)]).float()
+    x = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(0))]
+    together = _tanh(x)
+    alone = torch.cat([_tanh(x[i : i + 1]) for i in range(len(x))])
+    halves = torch.cat([_tanh(x[:300]), _tanh(x[300:])])
+    assert torch.equal(together, alone) and torch.equal(together, halves)
 
 
 def test_map_chunks_restores_threads_keeps_order_and_raises(threads):

@@ -161,10 +161,11 @@ def cut_table(score: torch.Tensor, ratios: tuple[float, float]) -> dict[str, tor
 def prepare(base: torch.Tensor, experts: list[torch.Tensor], clamp_ratio: float):
     """Steps 1-8 exactly as ``PCBMerge.merge_group`` runs them (same functions, same floats)."""
     vectors = task_vectors(base, experts)
+    flat = vectors.base.to(vectors.tau.dtype, copy=True)  # cached in the compute dtype
     if not vectors.changed:
-        return vectors.base.clone(), None, None
+        return flat, None, None
     clipped, score = scores(vectors.tau, clamp_ratio=clamp_ratio)
-    return vectors.base.clone(), clipped, score
+    return flat, clipped, score
 
 
 def build(

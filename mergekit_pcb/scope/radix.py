@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from mergekit_pcb import workspace
+
 DIGIT_BITS = 16
 _RADIX = 1 << DIGIT_BITS
 _HALF = _RADIX // 2
@@ -180,7 +182,9 @@ class StreamingSelector:
         if chunk.dtype != self.dtype:
             raise TypeError(f"chunk dtype {chunk.dtype} != selector dtype {self.dtype}")
         bits = _as_bits(chunk)
-        buffer = torch.empty_like(bits)
+        # Reused per thread: a fresh chunk-sized buffer per row and pass page-faulted or
+        # fragmented the heap (see mergekit_pcb.workspace).
+        buffer = workspace.buffer("radix digits", bits.numel(), bits.dtype, bits.device)
         if self.level == 0:
             return {None: (bits.numel(), _host(_top_histogram(bits, self._width, buffer)))}
         return {
