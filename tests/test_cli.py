@@ -114,3 +114,21 @@ def test_demo_merges_and_summarizes_truthfully(tmp_path):
         if (torch.stack([e[name] for e in experts]) != base[name]).any():
             assert [k1, k2, k3] == kept, name
         assert conflict == expected_conflict, name
+
+
+def test_merge_writes_the_card_for_local_folders_named_bare(family, tmp_path):
+    """`base_model: base` (a local folder, no ./): mergekit-yaml asks the Hub about it
+    for the model card and, offline, fails after writing the weights; merge does not."""
+    names = [path.name for path in family.models]
+    config = "merge_method: pcb\nbase_model: {}\nmodels:\n{}".format(
+        names[0], "".join(f"  - model: {name}\n" for name in names[1:])
+    )
+    path = write(tmp_path / "bare.yml", config)
+    plain = run_tool("mergekit-yaml", path, tmp_path / "plain", cwd=family.root)
+    assert plain.returncode != 0 and "offline" in plain.stderr.lower()  # the upstream failure
+
+    out = tmp_path / "out"
+    check(run_tool("mergekit-pcb", "merge", path, out, cwd=family.root))
+    card = (out / "README.md").read_text()
+    assert (out / "mergekit_config.yml").read_text() == config
+    assert "huggingface.co/base" not in card and f"* {names[1]}" in card
