@@ -30,9 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _quality_methods import METHODS, configurations, merge, scored  # noqa: E402
 from _quality_run import _mean, _normalized, _per_task  # noqa: E402
-from _quality_setup import FULL, build_family, model_config, splits  # noqa: E402
-
-from mergekit_pcb.tiny import new_llama  # noqa: E402
+from _quality_setup import FULL, bench  # noqa: E402
 
 # Regime 8 of _quality_notes.md (published before replay): the reference the rows vary.
 R8 = dataclasses.replace(
@@ -77,10 +75,8 @@ DENSITIES = (0.2, 0.4, 0.7)
 
 def explore(name: str, regime, log) -> str:
     start = time.perf_counter()
-    family = build_family(regime, log=log)
+    family, model, val, _ = bench(regime, log=log)
     tokenizer = family.tokenizer
-    val, _ = splits(regime)
-    model = new_llama(model_config(regime, tokenizer), seed=0)
     base = family.base.state_dict()
     experts = family.experts[0]
     n = regime.n_val

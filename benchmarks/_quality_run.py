@@ -20,13 +20,12 @@ from _quality_setup import (
     QUICK,
     VAL_SEED,
     Regime,
-    build_family,
-    model_config,
+    bench,
     recorded_seconds,
     splits,
 )
 
-from mergekit_pcb.tiny import new_llama, save_model
+from mergekit_pcb.tiny import save_model
 
 HERE = Path(__file__).resolve().parent
 METHODS_BY_LABEL = {m.label: m for m in METHODS}
@@ -90,10 +89,8 @@ def _evolve(method, regime, seed, on_disk, tasks, evaluate, own_val, cache_dir):
 
 def run(regime: Regime, out_dir: Path, methods: tuple[Method, ...], log=print) -> dict:
     start = time.perf_counter()
-    family = build_family(regime, log=log)
+    family, model, val, test = bench(regime, log=log)
     tokenizer = family.tokenizer
-    val, test = splits(regime)
-    model = new_llama(model_config(regime, tokenizer), seed=0)
     base_state = family.base.state_dict()
 
     def evaluate(state, examples, n):

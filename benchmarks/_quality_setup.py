@@ -14,6 +14,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -282,3 +283,20 @@ def build_family(regime: Regime, *, log=print) -> Family:
             experts[seed][task] = state
         log(f"experts seed {seed}: ready")
     return Family(tokenizer, base, experts, spent, root)
+
+
+class Bench(NamedTuple):
+    """What every evaluation of a regime starts from."""
+
+    family: Family
+    model: torch.nn.Module  # a scratch model of the regime's shape: states are scored in it
+    val: list[toy.Example]
+    test: list[toy.Example]
+
+
+def bench(regime: Regime, *, log=print) -> Bench:
+    """The regime's family (trained or cached), a scratch model and its two splits."""
+    family = build_family(regime, log=log)
+    val, test = splits(regime)
+    model = new_llama(model_config(regime, family.tokenizer), seed=0)
+    return Bench(family, model, val, test)
