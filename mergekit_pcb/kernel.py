@@ -132,6 +132,11 @@ def _buffer(role: str, n: int, cols: slice, like: torch.Tensor) -> torch.Tensor:
     return workspace.buffer(role, n * w, like.dtype, like.device).view(n, w)
 
 
+def _magnitude(chunk: torch.Tensor, cols: slice) -> torch.Tensor:
+    """|chunk| (the chunk ``tau[:, cols]``) in this thread's reusable |tau| buffer."""
+    return torch.abs(chunk, out=_buffer("kernel |tau|", len(chunk), cols, chunk))
+
+
 class ClipSelection:
     """Step 3's clip bounds, gathered from chunks of tau as they are made.
 
@@ -144,20 +149,14 @@ class ClipSelection:
 
     def feed(self, cols: slice, chunk: torch.Tensor) -> None:
         """The n x w chunk ``tau[:, cols]`` (thread-safe; |tau| is never stored)."""
-        self._pick.feed(
-            cols, torch.abs(chunk, out=_buffer("kernel |tau|", len(chunk), cols, chunk))
-        )
+        self._pick.feed(cols, _magnitude(chunk, cols))
 
     def finish(self, tau: torch.Tensor) -> ClipBounds:
         """The bounds, once every chunk of ``tau`` was fed."""
         n, d = tau.shape
-
-        def magnitude(cols: slice) -> torch.Tensor:
-            return torch.abs(tau[:, cols], out=_buffer("kernel |tau|", n, cols, tau))
-
         both = self._pick.finish(
             column_chunks(n, d),
-            magnitude,
+            lambda cols: _magnitude(tau[:, cols], cols),
             lambda i, c: tau[i].index_select(0, c).abs(),
             tau.device,
         ).to(tau.device)
@@ -216,7 +215,7 @@ def scores(
             column_total = total[cols]
         c = torch.mul(t, column_total, out=s)
         _tanh_(c, _buffer("kernel tanh", n, cols, tau), _buffer("kernel poly", n, cols, tau))
-        a = torch.abs(t, out=_buffer("kernel |tau|", n, cols, tau))
+        a = _magnitude(t, cols)
         a.clamp_(min=low).clamp_(max=high)  # A
         t.sign_().mul_(a)  # T~ = sign(tau) * A
         a.sub_(low).div_(span)  # minmax(A)
