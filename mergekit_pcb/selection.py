@@ -29,6 +29,10 @@ from mergekit_pcb import parallel
 from mergekit_pcb.scope.radix import StreamingSelector
 
 BLOCK = 64
+# The radix passes after the first re-read the chunks this many at a time: every
+# histogram costs a fixed 65536-bin allocation and merge, which wider reads amortize
+# (the counts are exact integers, so the grouping cannot change a result).
+_REREAD_FACTOR = 4
 # A rank counts as extreme while its <= k candidate blocks cover <= 1/16 of the row.
 _EXTREME_SHARE = 16
 
@@ -107,6 +111,7 @@ class RowSelection:
         if self._radix_ranks:
             for selector in self._selectors:
                 selector.advance()
+            columns = _coarser(columns, _REREAD_FACTOR)
             while not self._selectors[0].done:
 
                 def count(cols: slice) -> None:
@@ -172,6 +177,20 @@ def _from_blocks(
     if values.numel() <= k:
         return float(bound)
     return float(values.topk(k + 1, largest=largest).values[-1])
+
+
+def _coarser(columns: Sequence[slice], factor: int) -> list[slice]:
+    """Up to ``factor`` adjacent column ranges joined into one range each."""
+    joined: list[slice] = []
+    run = 0
+    for cols in columns:
+        if joined and run < factor and joined[-1].stop == cols.start:
+            joined[-1] = slice(joined[-1].start, cols.stop)
+            run += 1
+        else:
+            joined.append(cols)
+            run = 1
+    return joined
 
 
 def column_chunks(d: int, width: int) -> list[slice]:

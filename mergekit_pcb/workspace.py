@@ -26,7 +26,7 @@ def buffer(role: str, numel: int, dtype: torch.dtype, device: torch.device) -> t
 
     The contents are garbage; the previous holder of ``role`` must be done with it.
     """
-    too_big = numel * torch.empty(0, dtype=dtype).element_size() > MAX_BYTES
+    too_big = numel * dtype.itemsize > MAX_BYTES
     if too_big or torch.device(device).type != "cpu":
         return torch.empty(numel, dtype=dtype, device=device)
     store: dict = _local.__dict__.setdefault("buffers", {})

@@ -118,13 +118,16 @@ def _tanh(x: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_tanh_within_two_ulp(dtype):
-    """Polynomial (float32, |x| < 0.125), expm1 form elsewhere: both within 2 ulp."""
+    """Cubic (float32, |x| < 1/64), x^7 polynomial (< 0.125), expm1 form elsewhere:
+    each within 2 ulp, also on both sides of each switch."""
     tiny = torch.tensor([0.0, -0.0, 1e-30, -1e-30, 1e-8, -3e-6], dtype=dtype)
     spread = torch.logspace(-20, 2, 4000, dtype=torch.float64).to(dtype)
-    limit = kernel._TANH_POLY_LIMIT
-    edge = torch.linspace(limit * 0.9, limit * 1.1, 2001, dtype=torch.float64).to(dtype)
+    edges = [
+        torch.linspace(limit * 0.9, limit * 1.1, 2001, dtype=torch.float64).to(dtype)
+        for limit in (kernel._TANH_CUBIC_LIMIT, kernel._TANH_POLY_LIMIT)
+    ]
     x = torch.cat(
-        [tiny, spread, -spread, edge, -edge]
+        [tiny, spread, -spread, *edges, *(-e for e in edges)]
         + [torch.tensor([19.9, 20.0, 25.0, 1e30, -1e30], dtype=dtype)]
     )
     got = _tanh(x)
@@ -137,11 +140,13 @@ def test_tanh_within_two_ulp(dtype):
 def test_tanh_formula_depends_only_on_the_entry():
     """Chunks with and without entries past the polynomial's range give each entry
     the same bits as it gets alone, so results cannot depend on chunking."""
-    x = torch.cat([torch.randn(500) * 1e-3, torch.randn(500)]).float()
+    x = torch.cat([torch.randn(500) * 1e-3, torch.randn(500) * 0.05, torch.randn(500)]).float()
     x = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(0))]
     together = _tanh(x)
     alone = torch.cat([_tanh(x[i : i + 1]) for i in range(len(x))])
     halves = torch.cat([_tanh(x[:300]), _tanh(x[300:])])
+    cubic_only = x.abs() < kernel._TANH_CUBIC_LIMIT  # a chunk that takes the one-formula path
+    assert torch.equal(_tanh(x[cubic_only]), together[cubic_only])
     assert torch.equal(together, alone) and torch.equal(together, halves)
 
 
@@ -227,3 +232,15 @@ def test_fused_task_vector_equals_the_three_steps(monkeypatch, threads, dtype):
         weights = kernel.drop_weights(score, 0.15)
         assert torch.equal(fused, kernel.combine(clipped, weights, coefficients))
         assert fused.dtype == dtype
+
+
+def test_reread_joins_only_adjacent_ranges_up_to_the_factor():
+    """The radix re-read joins chunks for fewer histograms; a gap must never be bridged."""
+    runs = [slice(0, 64), slice(64, 128), slice(128, 192), slice(256, 320), slice(320, 330)]
+    assert selection._coarser(runs, 2) == [
+        slice(0, 128),
+        slice(128, 192),
+        slice(256, 330),
+    ]
+    assert selection._coarser(runs, 1) == runs
+    assert selection._coarser([], 4) == []
