@@ -8,6 +8,7 @@ module, which lets the registry load and then registers ``pcb`` into it.
 """
 
 import sys
+import threading
 
 OPT_OUT_VARIABLE = "MERGEKIT_PCB_NO_AUTOLOAD"
 _REGISTRY = "mergekit.merge_methods.registry"
@@ -39,21 +40,26 @@ def patch_genome() -> None:
 
 
 class _AfterImportFinder:
-    """Finds one module through the other finders and runs ``action`` after it executes."""
+    """Finds one module through the other finders and runs ``action`` after it executes.
+
+    Why the guard: another finder that also asks the others (a second plugin written
+    this way) would call back into this one, and the two would recurse until Python
+    gave up, breaking ``import mergekit``; a nested call for the same module declines.
+    """
 
     def __init__(self, name: str, action):
         self.name, self.action = name, action
+        self._searching = threading.local()
 
     def find_spec(self, fullname, path=None, target=None):
-        if fullname != self.name:
+        if fullname != self.name or getattr(self._searching, "active", False):
             return None
-        for finder in sys.meta_path:
-            if finder is self or not hasattr(finder, "find_spec"):
-                continue
-            spec = finder.find_spec(fullname, path, target)
-            if spec is not None:
-                break
-        else:
+        self._searching.active = True
+        try:
+            spec = self._find_elsewhere(fullname, path, target)
+        finally:
+            self._searching.active = False
+        if spec is None:
             return None
         original = spec.loader.exec_module
 
@@ -63,6 +69,14 @@ class _AfterImportFinder:
 
         spec.loader.exec_module = exec_module
         return spec
+
+    def _find_elsewhere(self, fullname, path, target):
+        for finder in list(sys.meta_path):
+            if finder is not self and hasattr(finder, "find_spec"):
+                spec = finder.find_spec(fullname, path, target)
+                if spec is not None:
+                    return spec
+        return None
 
 
 _FINDER = _AfterImportFinder(_REGISTRY, register)

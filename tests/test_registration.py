@@ -137,6 +137,25 @@ print("ok")
     assert check(run_python(code)).stdout.strip() == "ok"
 
 
+def test_two_hooks_in_this_style_do_not_recurse(tmp_path):
+    """Regression: a second finder that, like ours, asks every other finder (another
+    plugin, or a second copy of this one) made the two call each other until
+    RecursionError, and importing the module failed. Both actions must run once."""
+    (tmp_path / "probe_target.py").write_text("VALUE = 7\n")
+    code = f"""
+import sys
+sys.path.insert(0, {str(tmp_path)!r})
+from mergekit_pcb._autoload import _AfterImportFinder
+ran = []
+first = _AfterImportFinder("probe_target", lambda: ran.append("first"))
+second = _AfterImportFinder("probe_target", lambda: ran.append("second"))
+sys.meta_path[:0] = [first, second]
+import probe_target
+print(probe_target.VALUE, sorted(ran))
+"""
+    assert check(run_python(code)).stdout.strip() == "7 ['first', 'second']"
+
+
 def test_interpreter_start_imports_nothing():
     code = (
         "import sys; print(sorted(m for m in sys.modules if m.startswith(('mergekit', 'torch'))))"
