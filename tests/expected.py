@@ -188,6 +188,36 @@ class Checkpoints:
         return self._cache[model][name]
 
 
+def vocabulary(path: Path) -> dict[str, int]:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path).get_vocab()
+
+
+class AlignedCheckpoints(Checkpoints):
+    """Inputs as mergekit aligns them to the output vocabulary before the method runs.
+
+    A token a model lacks takes the row of the only model that has it (mergekit's
+    rule for tokens present in one model, which is the only case these tests build).
+    """
+
+    def __init__(self, out_vocab: dict[str, int], models: list[Path]):
+        super().__init__()
+        self.out_vocab = out_vocab
+        self.vocabs = {str(m): vocabulary(m) for m in models}
+
+    def __call__(self, model: str, name: str) -> torch.Tensor:
+        tensor = super().__call__(model, name)
+        if "embed_tokens" not in name and name != "lm_head.weight":
+            return tensor
+        rows = []
+        for token, _ in sorted(self.out_vocab.items(), key=lambda item: item[1]):
+            owners = [model] + [m for m in self.vocabs if m != model]
+            donor = next(m for m in owners if token in self.vocabs[m])
+            rows.append(super().__call__(donor, name)[self.vocabs[donor][token]])
+        return torch.stack(rows)
+
+
 def compare_all(
     config: str,
     written: dict[str, torch.Tensor],

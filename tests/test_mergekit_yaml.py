@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 from conftest import check, load_tensors, run_tool, write
-from expected import Checkpoints, compare_all
+from expected import AlignedCheckpoints, Checkpoints, compare_all, vocabulary
 
 CARD_LINK = "[PCB](https://arxiv.org/abs/2410.02396)"
 
@@ -133,36 +133,6 @@ out_dtype: float16
     # Inputs are rounded to bfloat16 first (the reference sees those values), the
     # result is rounded to bfloat16 by the method and then cast to float16.
     compare_all(config, written, Checkpoints(), out_dtype=torch.float16, rounding=2**-8)
-
-
-def vocabulary(path: Path) -> dict[str, int]:
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(path).get_vocab()
-
-
-class AlignedCheckpoints(Checkpoints):
-    """Inputs as mergekit aligns them to the output vocabulary before the method runs.
-
-    A token a model lacks takes the row of the only model that has it (mergekit's
-    rule for tokens present in one model, which is the only case these tests build).
-    """
-
-    def __init__(self, out_vocab: dict[str, int], models: list[Path]):
-        super().__init__()
-        self.out_vocab = out_vocab
-        self.vocabs = {str(m): vocabulary(m) for m in models}
-
-    def __call__(self, model: str, name: str) -> torch.Tensor:
-        tensor = super().__call__(model, name)
-        if "embed_tokens" not in name and name != "lm_head.weight":
-            return tensor
-        rows = []
-        for token, _ in sorted(self.out_vocab.items(), key=lambda item: item[1]):
-            owners = [model] + [m for m in self.vocabs if m != model]
-            donor = next(m for m in owners if token in self.vocabs[m])
-            rows.append(super().__call__(donor, name)[self.vocabs[donor][token]])
-        return torch.stack(rows)
 
 
 @pytest.mark.parametrize("source", ["base", "union"])

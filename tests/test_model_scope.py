@@ -19,6 +19,7 @@ from conftest import (
     run_tool,
     write,
 )
+from expected import AlignedCheckpoints, vocabulary
 from reference import reference_task_vector
 
 WEIGHTS = (0.7, 1.0, 1.3)
@@ -55,7 +56,9 @@ def merge(tmp_path: Path, text: str, name: str = "out"):
     return result, out
 
 
-def whole_model_reference(base: dict, experts: list[dict], plan: list[tuple[str, str]]):
+def whole_model_reference(
+    base: dict, experts: list[dict], plan: list[tuple[str, str]], weights=WEIGHTS
+):
     """plan: (output tensor, input tensor) pairs, every pair one tensor fed to pcb."""
     rows = torch.stack(
         [
@@ -63,7 +66,7 @@ def whole_model_reference(base: dict, experts: list[dict], plan: list[tuple[str,
             for e in experts
         ]
     )
-    merged = reference_task_vector(rows, WEIGHTS, PCB_RATIO, CLAMP_RATIO)
+    merged = reference_task_vector(rows, weights, PCB_RATIO, CLAMP_RATIO)
     out, offset = {}, 0
     for name, src in plan:
         size = base[src].numel()
@@ -91,6 +94,24 @@ def test_model_scope_equals_whole_model_reference(tmp_path, family, inputs):
     check(result)
     plan = [(name, name) for name in sorted(base) if base[name].is_floating_point()]
     assert_matches(load_tensors(out), whole_model_reference(base, experts, plan))
+
+
+def test_model_scope_with_a_tokenizer_union(tmp_path, family, big_vocab):
+    """With ``tokenizer_source: union`` the statistics must see the embeddings as mergekit
+    re-aligns them to the output vocabulary (two sizes in, one out), not the checkpoints."""
+    e0 = family.experts[0]
+    body = f"models:\n  - model: {e0}\n    parameters: {{weight: 0.7}}\n  - model: {big_vocab}\n"
+    text = config(family, body=body) + "tokenizer_source: union\ndtype: float32\n"
+    out = tmp_path / "out"
+    check(run_tool("mergekit-yaml", write(tmp_path / "union.yml", text), out, "--quiet"))
+    written = load_tensors(out)
+    aligned = AlignedCheckpoints(vocabulary(out), [family.base, e0, big_vocab])
+    names = sorted(n for n, t in written.items() if t.is_floating_point())
+    base = {n: aligned(str(family.base), n) for n in names}
+    experts = [{n: aligned(str(m), n) for n in names} for m in (e0, big_vocab)]
+    assert base["model.embed_tokens.weight"].shape[0] > len(vocabulary(family.base))
+    plan = [(n, n) for n in names]
+    assert_matches(written, whole_model_reference(base, experts, plan, weights=(0.7, 1.0)))
 
 
 def test_tensor_scope_is_not_model_scope(tmp_path, family, inputs):
