@@ -98,7 +98,7 @@ def _tanh_exact_(x: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
 
 
 def _tanh_(x: torch.Tensor, square: torch.Tensor, poly: torch.Tensor) -> torch.Tensor:
-    """tanh in place; float32 entries by x - x^3/3 or a Taylor polynomial where accurate.
+    """tanh in place; float32 entries by x (1 - x^2/3) or a Taylor polynomial where accurate.
 
     Why: torch's exp-family kernels run through MKL's VML, which is slow on some
     CPUs (expm1 measured at 1.2 ns per element against 0.05 for a multiply). Usual
