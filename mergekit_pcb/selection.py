@@ -13,9 +13,13 @@ Two exact strategies, chosen per rank:
   pass, where radix selection needs two histogram passes per rank.
 * **Other ranks** (the drop cut) use streamed radix selection
   (:class:`mergekit_pcb.scope.radix.StreamingSelector`): its first histogram pass
-  is fed by the chunks as they are made, the second reads them back once.
+  is fed by the chunks as they are made, the second reads them back once. A lone
+  such rank of a long float32 row (the keep cut) instead stores the top digits of
+  every fifth column as the chunks pass; they choose a window of bit patterns
+  that the one read-back counts exactly, and only if the rank falls outside it
+  do the two full passes run.
 
-Both are exact for any data, ties and signed zeros included.
+All are exact for any data, ties and signed zeros included.
 """
 
 from __future__ import annotations
@@ -25,7 +29,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from mergekit_pcb import parallel
+from mergekit_pcb import parallel, workspace
+from mergekit_pcb.scope import radix
 from mergekit_pcb.scope.radix import StreamingSelector
 
 BLOCK = 64
@@ -33,6 +38,19 @@ BLOCK = 64
 # histogram costs a fixed 65536-bin allocation and merge, which wider reads amortize
 # (the counts are exact integers, so the grouping cannot change a result).
 _REREAD_FACTOR = 4
+# A single radix rank of a long float32 row (the keep cut) replaces its first pass by
+# a sample: the top digits of every column whose index is a multiple of the stride
+# (odd, so that no power-of-two layout of a weight matrix lines up with it; at least
+# _SAMPLE_STRIDE, more for rows past _SAMPLE_MAX slots) are stored while the chunks
+# pass, and counted once. The sample picks a window of at most _WINDOW_DIGITS top
+# digits (65536 patterns each) that the one re-read counts pattern by pattern. On
+# the benchmark's tensors the window held the rank every time and spanned 1-2
+# digits; a miss costs the full radix passes, never exactness.
+_SAMPLE_STRIDE = 5
+_SAMPLE_MAX = 1 << 20
+_SAMPLE_MIN_COLUMNS = 1 << 16
+_WINDOW_SIGMAS = 4.5
+_WINDOW_DIGITS = 8
 # A rank counts as extreme while its <= k candidate blocks cover <= 1/16 of the row.
 _EXTREME_SHARE = 16
 
@@ -64,6 +82,11 @@ class RowSelection:
         self._kinds = [_is_extreme(k, d) for k in self.ranks]
         self._radix_ranks = [k for k, kind in zip(self.ranks, self._kinds, strict=True) if not kind]
         self._selectors = [StreamingSelector(dtype, self._radix_ranks) for _ in range(n)]
+        self._sampled = (
+            dtype == torch.float32 and len(self._radix_ranks) == 1 and d >= _SAMPLE_MIN_COLUMNS
+        )
+        self._stride = max(_SAMPLE_STRIDE, -(-d // _SAMPLE_MAX)) | 1
+        self._sample: torch.Tensor | None = None  # n x slots top digits, made on first feed
         self._lock = threading.Lock()
         # Block extremes of each fed chunk, by its first column.
         self._minima: dict[int, torch.Tensor | None] = {}
@@ -75,11 +98,15 @@ class RowSelection:
             raise ValueError(f"chunk {columns} does not start at a block boundary")
         low = _block_reduce(chunk, torch.amin) if "low" in self._kinds else None
         high = _block_reduce(chunk, torch.amax) if "high" in self._kinds else None
-        counted = self._count(chunk)
+        if self._sampled:
+            self._store_sample(columns, chunk)
+        else:
+            counted = self._count(chunk)
         with self._lock:
             self._minima[columns.start] = low
             self._maxima[columns.start] = high
-            self._add(counted)
+            if not self._sampled:
+                self._add(counted)
 
     def finish(
         self,
@@ -109,25 +136,86 @@ class RowSelection:
                         extremes[kind][i], bounds[i], k, largest, self.d, i, values_at
                     )
         if self._radix_ranks:
-            for selector in self._selectors:
-                selector.advance()
             columns = _coarser(columns, _REREAD_FACTOR)
-            while not self._selectors[0].done:
-
-                def count(cols: slice) -> None:
-                    counted = self._count(chunk_at(cols))
-                    with self._lock:  # add at once: each chunk's histograms are 0.5 MB a row
-                        self._add(counted)
-
-                parallel.map_chunks(count, list(columns), device)
-                for selector in self._selectors:
-                    selector.advance()
-            for i, selector in enumerate(self._selectors):
-                by_rank = dict(zip(self._radix_ranks, selector.values(), strict=True))
+            values = self._from_window(columns, chunk_at, device) if self._sampled else None
+            if values is None:
+                if self._sampled:  # the sample's window missed: the first pass, in full
+                    self._reread(columns, chunk_at, device)
+                values = self._from_radix(columns, chunk_at, device)
+            for i, row_values in enumerate(values):
+                by_rank = dict(zip(self._radix_ranks, row_values, strict=True))
                 for j, k in enumerate(self.ranks):
                     if k in by_rank:
                         out[i][j] = by_rank[k]
         return torch.tensor(out, dtype=self.dtype)
+
+    def _reread(self, columns, chunk_at, device) -> None:
+        """One radix pass over every chunk at the selectors' current digit."""
+
+        def count(cols: slice) -> None:
+            counted = self._count(chunk_at(cols))
+            with self._lock:  # add at once: each chunk's histograms are 0.5 MB a row
+                self._add(counted)
+
+        parallel.map_chunks(count, list(columns), device)
+
+    def _from_radix(self, columns, chunk_at, device) -> list[list[float]]:
+        """The radix ranks by full radix selection, the first pass already counted."""
+        for selector in self._selectors:
+            selector.advance()
+        while not self._selectors[0].done:
+            self._reread(columns, chunk_at, device)
+            for selector in self._selectors:
+                selector.advance()
+        return [selector.values() for selector in self._selectors]
+
+    def _store_sample(self, columns: slice, chunk: torch.Tensor) -> None:
+        """The top digits of this chunk's sampled columns, into their slots (disjoint per
+        chunk, so no lock is held while they are written)."""
+        with self._lock:
+            if self._sample is None:  # reused between merges; a clash costs a miss at most
+                slots = -(-self.d // self._stride)
+                self._sample = workspace.buffer(
+                    "selection sample", self.n * slots, torch.int32, chunk.device
+                ).view(self.n, slots)
+        first = -(-columns.start // self._stride) * self._stride
+        if first >= columns.stop:
+            return
+        picked = chunk[:, first - columns.start :: self._stride]
+        slot = first // self._stride
+        radix.top_digits(picked, out=self._sample[:, slot : slot + picked.shape[1]])
+
+    def _from_window(self, columns, chunk_at, device) -> list[list[float]] | None:
+        """The one radix rank from the sampled first pass and one re-read; None on a miss."""
+        (rank,) = self._radix_ranks
+        if self._sample is None:
+            return None
+        windows = [
+            radix.sample_window(
+                radix.digit_counts(row), len(row), rank, self.d, _WINDOW_SIGMAS, _WINDOW_DIGITS
+            )
+            for row in self._sample
+        ]
+        if None in windows:
+            return None
+        totals: list = [None] * self.n
+
+        def count(cols: slice) -> None:
+            chunk = chunk_at(cols)
+            counted = [radix.window_counts(row, w) for row, w in zip(chunk, windows, strict=True)]
+            with self._lock:
+                for i, counts in enumerate(counted):
+                    if totals[i] is None:
+                        totals[i] = counts
+                    else:
+                        totals[i] += counts
+
+        parallel.map_chunks(count, list(columns), device)
+        picks = [
+            radix.pick_in_window(counts, rank, window, self.dtype)
+            for counts, window in zip(totals, windows, strict=True)
+        ]
+        return None if None in picks else [[value] for value in picks]
 
     def _count(self, chunk: torch.Tensor) -> list[dict]:
         if not self._radix_ranks:

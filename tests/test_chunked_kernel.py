@@ -102,6 +102,61 @@ def test_row_selection_equals_sort_for_any_chunking(case, block, chunk_blocks):
     assert torch.equal(got, want)
 
 
+@settings(max_examples=40, deadline=None)
+@given(matrices(), st.integers(1, 5), st.floats(0.0, 1.0))
+def test_sampled_cut_equals_sort(case, chunk_blocks, share):
+    """One radix rank of a float32 row: the sampled first pass and its window (or the
+    fallback when the sample misleads) give exactly the sorted value, for any data."""
+    x, _ = case
+    x = x.float()
+    n, d = x.shape
+    rank = min(int(d * share), d - 1)
+    columns = selection.column_chunks(d, chunk_blocks * selection.BLOCK)
+    original = selection._SAMPLE_MIN_COLUMNS
+    selection._SAMPLE_MIN_COLUMNS = 1  # sample rows of any length
+    try:
+        pick = selection.RowSelection(n, d, x.dtype, [rank])
+        for cols in columns:
+            pick.feed(cols, x[:, cols])
+        got = pick.finish(columns, lambda c: x[:, c], lambda i, c: x[i].index_select(0, c), "cpu")
+    finally:
+        selection._SAMPLE_MIN_COLUMNS = original
+    assert pick._sampled or selection._is_extreme(rank, d)
+    assert torch.equal(got, torch.sort(x, dim=1).values[:, [rank]])
+
+
+def _keep_cut(x: torch.Tensor, rank: int) -> tuple[torch.Tensor, selection.RowSelection]:
+    n, d = x.shape
+    columns = kernel.column_chunks(n, d)
+    pick = selection.RowSelection(n, d, x.dtype, [rank])
+    for cols in columns:
+        pick.feed(cols, x[:, cols])
+    got = pick.finish(columns, lambda c: x[:, c], lambda i, c: x[i].index_select(0, c), "cpu")
+    return got, pick
+
+
+def test_sampled_cut_needs_one_reread_on_a_long_row():
+    """The fast path is really taken: the full radix selectors never leave their
+    first digit, and the value is the sorted one."""
+    x = torch.randn(3, 1 << 20, generator=torch.Generator().manual_seed(3)).abs()
+    rank = int(x.shape[1] * 0.8)
+    got, pick = _keep_cut(x, rank)
+    assert pick._sampled and all(s.level == 0 for s in pick._selectors)
+    assert torch.equal(got, torch.sort(x, dim=1).values[:, [rank]])
+
+
+def test_a_misleading_sample_falls_back_to_the_full_radix():
+    """Every sampled column (every 4th from a chunk start) is large, the rest small:
+    the sample's window lies among the large values, the rank among the small ones."""
+    d = 1 << 18
+    x = torch.rand(2, d, generator=torch.Generator().manual_seed(4))
+    x[:, :: selection._SAMPLE_STRIDE] += 10
+    rank = int(d * 0.5)
+    got, pick = _keep_cut(x, rank)
+    assert pick._sampled and all(s.done for s in pick._selectors)  # the fallback ran
+    assert torch.equal(got, torch.sort(x, dim=1).values[:, [rank]])
+
+
 def test_block_path_with_a_mostly_zero_row():
     """Thousands of tied zero block minima: the answer is the bound itself, no gather."""
     d = 64 * 400

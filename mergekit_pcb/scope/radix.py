@@ -24,6 +24,7 @@ more than one integer buffer the size of its input.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -140,6 +141,70 @@ def select_row(x: torch.Tensor, ranks: Sequence[int]) -> list:
                 )
             search.narrow(histograms[search.prefix])
     return [_to_float(search.prefix, x.dtype) for search in searches]
+
+
+def top_digits(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """The top 16 bits of x's elements as 0..65535 in integer order, into int32 ``out``
+    (x float32, of any shape and strides)."""
+    bits = x.view(_INT_OF[x.dtype])
+    return torch.bitwise_right_shift(bits, key_bits(x.dtype) - DIGIT_BITS, out=out).add_(_HALF)
+
+
+def digit_counts(digits: torch.Tensor) -> np.ndarray:
+    """Counts of each top digit made by :func:`top_digits`."""
+    return _host(torch.bincount(digits.reshape(-1), minlength=_RADIX))
+
+
+def sample_window(
+    counts: np.ndarray, sampled: int, rank: int, total: int, sigmas: float, max_digits: int
+) -> tuple[int, int] | None:
+    """Bit patterns [low, high] that hold ``sorted(row)[rank]`` unless the sample misled.
+
+    ``counts`` are :func:`digit_counts` of ``sampled`` elements drawn evenly from
+    a row of ``total``; the range spans the top digits of the sample's order
+    statistics ``sigmas`` binomial standard deviations either side of the rank's
+    share. None where that range reaches negative values (whose patterns run
+    backwards) or spans more than ``max_digits`` top digits. The caller checks the
+    full row's counts, so a sample that misled costs time, never exactness.
+    """
+    if sampled == 0:
+        return None
+    share = rank / total
+    margin = sigmas * math.sqrt(sampled * share * (1 - share)) + 2
+    first = max(0, math.floor(rank * sampled / total - margin))
+    last = min(sampled - 1, math.ceil(rank * sampled / total + margin))
+    cumulative = np.cumsum(counts)
+    low_digit = int(np.searchsorted(cumulative, first, side="right"))
+    high_digit = int(np.searchsorted(cumulative, last, side="right"))
+    if low_digit < _HALF or high_digit - low_digit >= max_digits or high_digit >= _RADIX - 1:
+        return None
+    return (low_digit - _HALF) << DIGIT_BITS, ((high_digit - _HALF + 1) << DIGIT_BITS) - 1
+
+
+def window_counts(x: torch.Tensor, window: tuple[int, int]) -> np.ndarray:
+    """Histogram of x's bit patterns in ``window``: bin 0 counts those below it, bin
+    1 + j the pattern low + j, the last bin those above."""
+    low, high = window
+    bits = _as_bits(x)
+    buffer = workspace.buffer("radix digits", bits.numel(), bits.dtype, bits.device)
+    digits = torch.clamp(bits, low - 1, high + 1, out=buffer).sub_(low - 1)
+    return _host(torch.bincount(digits, minlength=high - low + 3))
+
+
+def pick_in_window(
+    counts: np.ndarray, rank: int, window: tuple[int, int], dtype: torch.dtype
+) -> float | None:
+    """``sorted(row)[rank]`` from the row's :func:`window_counts`; None if it lies outside.
+
+    Below the window lie every negative value and -0.0 (the window starts at +0.0
+    or above), so value order and pattern order agree from there on.
+    """
+    below = int(counts[0])
+    cumulative = np.cumsum(counts[1:-1])
+    if not below <= rank < below + int(cumulative[-1]):
+        return None
+    offset = int(np.searchsorted(cumulative, rank - below, side="right"))
+    return _to_float(window[0] + offset, dtype)
 
 
 @dataclass
