@@ -49,10 +49,14 @@ def _as_bits(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1).view(_INT_OF[x.dtype])
 
 
-def _top_histogram(bits: torch.Tensor, width: int, buffer: torch.Tensor) -> torch.Tensor:
-    """Counts of the top 16 bits (signed, shifted to 0..65535): integer order."""
-    digits = torch.bitwise_right_shift(bits, width - DIGIT_BITS, out=buffer).add_(_HALF)
-    return torch.bincount(digits, minlength=_RADIX)
+def _top_digits(bits: torch.Tensor, width: int, out: torch.Tensor) -> torch.Tensor:
+    """The top 16 bits (signed, shifted to 0..65535) into ``out``: integer order."""
+    return torch.bitwise_right_shift(bits, width - DIGIT_BITS, out=out).add_(_HALF)
+
+
+def digit_counts(digits: torch.Tensor) -> np.ndarray:
+    """Counts of each top digit made by :func:`_top_digits` or :func:`top_digits`."""
+    return _host(torch.bincount(digits.reshape(-1), minlength=_RADIX))
 
 
 def _digit_histogram(
@@ -130,7 +134,7 @@ def select_row(x: torch.Tensor, ranks: Sequence[int]) -> list:
     width = key_bits(x.dtype)
     bits = _as_bits(x)
     buffer = torch.empty_like(bits)
-    counts = _host(_top_histogram(bits, width, buffer))
+    counts = digit_counts(_top_digits(bits, width, buffer))
     searches = [_start(counts, int(rank), bits.numel()) for rank in ranks]
     for level in range(1, width // DIGIT_BITS):
         histograms = {}
@@ -146,13 +150,7 @@ def select_row(x: torch.Tensor, ranks: Sequence[int]) -> list:
 def top_digits(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """The top 16 bits of x's elements as 0..65535 in integer order, into int32 ``out``
     (x float32, of any shape and strides)."""
-    bits = x.view(_INT_OF[x.dtype])
-    return torch.bitwise_right_shift(bits, key_bits(x.dtype) - DIGIT_BITS, out=out).add_(_HALF)
-
-
-def digit_counts(digits: torch.Tensor) -> np.ndarray:
-    """Counts of each top digit made by :func:`top_digits`."""
-    return _host(torch.bincount(digits.reshape(-1), minlength=_RADIX))
+    return _top_digits(x.view(_INT_OF[x.dtype]), key_bits(x.dtype), out)
 
 
 def sample_window(
@@ -173,9 +171,7 @@ def sample_window(
     margin = sigmas * math.sqrt(sampled * share * (1 - share)) + 2
     first = max(0, math.floor(rank * sampled / total - margin))
     last = min(sampled - 1, math.ceil(rank * sampled / total + margin))
-    cumulative = np.cumsum(counts)
-    low_digit = int(np.searchsorted(cumulative, first, side="right"))
-    high_digit = int(np.searchsorted(cumulative, last, side="right"))
+    low_digit, high_digit = _pick(counts, first)[0], _pick(counts, last)[0]
     if low_digit < _HALF or high_digit - low_digit >= max_digits or high_digit >= _RADIX - 1:
         return None
     return (low_digit - _HALF) << DIGIT_BITS, ((high_digit - _HALF + 1) << DIGIT_BITS) - 1
@@ -199,12 +195,8 @@ def pick_in_window(
     Below the window lie every negative value and -0.0 (the window starts at +0.0
     or above), so value order and pattern order agree from there on.
     """
-    below = int(counts[0])
-    cumulative = np.cumsum(counts[1:-1])
-    if not below <= rank < below + int(cumulative[-1]):
-        return None
-    offset = int(np.searchsorted(cumulative, rank - below, side="right"))
-    return _to_float(window[0] + offset, dtype)
+    digit = _pick(counts, rank)[0]  # bin 0 and the last bin lie outside the window
+    return _to_float(window[0] + digit - 1, dtype) if 0 < digit < len(counts) - 1 else None
 
 
 @dataclass
@@ -251,7 +243,7 @@ class StreamingSelector:
         # fragmented the heap (see mergekit_pcb.workspace).
         buffer = workspace.buffer("radix digits", bits.numel(), bits.dtype, bits.device)
         if self.level == 0:
-            return {None: (bits.numel(), _host(_top_histogram(bits, self._width, buffer)))}
+            return {None: (bits.numel(), digit_counts(_top_digits(bits, self._width, buffer)))}
         return {
             prefix: (0, _host(_digit_histogram(bits, prefix, self.level, self._width, buffer)))
             for prefix in {search.prefix for search in self._searches}
