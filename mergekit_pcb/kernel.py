@@ -23,7 +23,7 @@ from typing import NamedTuple
 
 import torch
 
-from mergekit_pcb import parallel, selection, workspace
+from mergekit_pcb import fused, parallel, selection, workspace
 
 CHUNK_ELEMENTS = 1 << 19
 # exp(2x) - 1 is exactly representable as inf from here on; tanh(x) is 1.0 in float32
@@ -76,11 +76,23 @@ class ClipBounds(NamedTuple):
     high: torch.Tensor
 
 
+def clip_bounds_from(quantiles: torch.Tensor) -> ClipBounds:
+    """The bounds from the n x 2 clip quantiles (low rank, high rank) of |tau|."""
+    high = quantiles[:, 1].contiguous()
+    # torch.clamp with min > max returns max everywhere; the row is then constant.
+    return ClipBounds(torch.minimum(quantiles[:, 0], high), high)
+
+
 def _column(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return values.to(dtype=like.dtype, device=like.device)[:, None]
 
 
-def _safe_span(low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+def _rows(*columns: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """n x 1 per-row values as contiguous vectors of n, for the compiled loops."""
+    return tuple(c[:, 0].contiguous() for c in columns)
+
+
+def safe_span(low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
     """max - min with 1 where the row is constant, so minmax yields 0 there."""
     span = high - low
     return torch.where(span > 0, span, torch.ones_like(span))
@@ -184,9 +196,7 @@ class ClipSelection:
             lambda i, c: tau[i].index_select(0, c).abs(),
             tau.device,
         ).to(tau.device)
-        high = both[:, 1].contiguous()
-        # torch.clamp with min > max returns max everywhere; the row is then constant.
-        return ClipBounds(torch.minimum(both[:, 0], high), high)
+        return clip_bounds_from(both)
 
 
 def clip_bounds(tau: torch.Tensor, clamp_ratio: float) -> ClipBounds:
@@ -205,12 +215,12 @@ def scores(
     total: torch.Tensor | None = None,
     n_models: int | None = None,
     out: torch.Tensor | None = None,
-    observe: Callable[[slice, torch.Tensor], None] | None = None,
+    observe: Callable[[slice, torch.Tensor, torch.Tensor], None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Steps 3-8: the clipped task vectors T~ and the balancing scores B.
 
     Consumes ``tau`` (T~ is written over it); B goes to ``out`` when given, and
-    ``observe(columns, B_chunk)`` sees each chunk of B while it is in cache.
+    ``observe(columns, B_chunk, row_maxima)`` sees each chunk of B while it is in cache.
     ``bounds``, ``total`` (the column sum of the raw tau) and ``n_models`` default
     to this tensor's own; the whole-model scope passes the bounds gathered over
     all tensors.
@@ -226,7 +236,18 @@ def scores(
     if bounds is None:
         bounds = clip_bounds(tau, clamp_ratio)
     low, high = _column(bounds.low, tau), _column(bounds.high, tau)
-    span = _safe_span(low, high)
+    span = safe_span(low, high)
+    if n_models <= fused.MAX_MODELS and fused.serves(tau, score):
+        rows = _rows(low, high, span)
+        total_ = None if total is None else total.to(tau.dtype).contiguous()
+
+        def compiled(cols: slice) -> None:
+            top = fused.score_chunk(tau, score, cols, total_, rows, n_models)
+            if observe is not None:
+                observe(cols, score[:, cols], top)
+
+        _each_chunk(tau, compiled)
+        return tau, score
     # exp(n (x^2 - 1)) as 2^(c x^2 - c), c = n log2(e): exp2 is 2-3x cheaper than exp here.
     exponent_scale = n_models * _LOG2_E
     exponent_offset = torch.tensor(-exponent_scale, dtype=tau.dtype, device=tau.device)
@@ -248,7 +269,7 @@ def scores(
         torch.addcmul(exponent_offset, a, a, value=exponent_scale, out=a).exp2_()  # S / e^n
         s.mul_(a)  # B = S * C
         if observe is not None:
-            observe(cols, s)
+            observe(cols, s, s.amax(dim=1))
 
     _each_chunk(tau, chunk)
     return tau, score
@@ -300,9 +321,13 @@ def drop_weights(
     if top is None:
         top = score.amax(dim=1)
     t, m = _column(threshold, score), _column(top, score)
-    span = _safe_span(t, m)
+    span = safe_span(t, m)
     weights = torch.empty_like(score) if out is None else out
-    _each_chunk(score, lambda cols: _weights(score[:, cols], t, span, weights[:, cols]))
+    if fused.serves(score, weights):
+        rows = _rows(t, span)
+        _each_chunk(score, lambda cols: fused.drop_chunk(score, cols, *rows, weights))
+    else:
+        _each_chunk(score, lambda cols: _weights(score[:, cols], t, span, weights[:, cols]))
     return weights
 
 
@@ -321,10 +346,19 @@ def combine(
     d = clipped.shape[1]
     coefficients = coefficients.to(device=clipped.device, dtype=clipped.dtype)
     merged = torch.empty(d, dtype=clipped.dtype, device=clipped.device)
-    _each_chunk(
-        clipped,
-        lambda cols: _mix(clipped[:, cols], weights[:, cols], coefficients, merged[cols]),
-    )
+    if fused.serves(clipped, weights, coefficients):
+        unused = torch.empty(len(clipped), dtype=clipped.dtype)
+        _each_chunk(
+            clipped,
+            lambda cols: fused.combine_chunk(
+                clipped, weights, False, cols, unused, unused, coefficients, merged
+            ),
+        )
+    else:
+        _each_chunk(
+            clipped,
+            lambda cols: _mix(clipped[:, cols], weights[:, cols], coefficients, merged[cols]),
+        )
     return merged
 
 
@@ -349,9 +383,9 @@ def pcb_task_vector(
     cut = selection.RowSelection(n, d, tau.dtype, [cut_index(d, pcb_ratio)])
     tops: dict[int, torch.Tensor] = {}
 
-    def observe(cols: slice, chunk: torch.Tensor) -> None:
+    def observe(cols: slice, chunk: torch.Tensor, top: torch.Tensor) -> None:
         cut.feed(cols, chunk)
-        tops[cols.start] = chunk.amax(dim=1)
+        tops[cols.start] = top
 
     clipped, score = scores(tau, bounds, clamp_ratio=clamp_ratio, out=score, observe=observe)
     threshold = cut.finish(
@@ -362,7 +396,7 @@ def pcb_task_vector(
     )[:, 0]
     top = torch.stack([tops[k] for k in sorted(tops)], dim=1).amax(dim=1)
     t, m = _column(threshold, score), _column(top, score)
-    span = _safe_span(t, m)
+    span = safe_span(t, m)
     coefficients = coefficients.to(device=tau.device, dtype=tau.dtype)
     merged = torch.empty(d, dtype=tau.dtype, device=tau.device)
 
@@ -370,7 +404,16 @@ def pcb_task_vector(
         weights = _weights(score[:, cols], t, span, _buffer("kernel W", n, cols, tau))
         _mix(clipped[:, cols], weights, coefficients, merged[cols], scratch=weights)
 
-    _each_chunk(tau, finish)
+    if fused.serves(clipped, score, coefficients):
+        rows = _rows(t, span)
+        _each_chunk(
+            tau,
+            lambda cols: fused.combine_chunk(
+                clipped, score, True, cols, *rows, coefficients, merged
+            ),
+        )
+    else:
+        _each_chunk(tau, finish)
     return merged
 
 
@@ -384,6 +427,13 @@ def add_scaled(
     """
     d = merged.numel()
     out = torch.empty(d, dtype=dtype or merged.dtype, device=merged.device)
+    if fused.serves(merged) and fused.output_serves(base, out.dtype):
+        parallel.map_chunks(
+            lambda cols: fused.add_scaled_chunk(base, merged, scale, cols, out),
+            column_chunks(1, d),
+            merged.device,
+        )
+        return out
 
     def chunk(cols: slice) -> None:
         if out.dtype == merged.dtype:

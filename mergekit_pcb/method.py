@@ -19,7 +19,7 @@ from mergekit.merge_methods.base import (
 )
 from pydantic import ValidationError
 
-from mergekit_pcb import _autoload, parallel, workspace
+from mergekit_pcb import _autoload, direct, parallel, workspace
 from mergekit_pcb.kernel import (
     ClipSelection,
     add_scaled,
@@ -247,6 +247,10 @@ class PCBMerge(GroupMergeMethod):
         if params["pcb_scope"] == "model":
             # First, so the statistics passes (run by the first call) hold no tau of ours.
             stats = model_scope.statistics(NAME, prepare)
+        else:
+            merged = _merge_direct(group, params)
+            if merged is not None:
+                return merged
         base = group.base.tensor
         clip = None
         if params["pcb_scope"] != "model":  # taken from tau's chunks as they are made
@@ -257,9 +261,7 @@ class PCBMerge(GroupMergeMethod):
         experts, tau = prepared.experts, prepared.tau
         if prepared.unchanged:
             return base
-        coefficients = torch.tensor(
-            [params["weight"][e.id] for e in experts], dtype=tau.dtype, device=tau.device
-        )
+        coefficients = _coefficients(experts, params, tau)
         if params["pcb_scope"] == "model":
             bounds, threshold, top = model_scope.stats_tensors(
                 stats, experts, tau.dtype, tau.device
@@ -278,6 +280,40 @@ class PCBMerge(GroupMergeMethod):
                 bounds=clip.finish(tau),
             )
         return add_scaled(prepared.base, merged, params["lambda"], base.dtype).reshape(base.shape)
+
+
+def _coefficients(experts, params: dict, like: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(
+        [params["weight"][e.id] for e in experts], dtype=like.dtype, device=like.device
+    )
+
+
+def _merge_direct(group: TensorGroup, params: dict) -> torch.Tensor | None:
+    """The tensor-scope merge without storing tau (:mod:`mergekit_pcb.direct`), where it
+    applies; None where not. The same floats as the stored-tau path."""
+    experts = canonical_order(group.non_base, params["weight"])
+    base = group.base.tensor
+    inputs = direct.source(base, [e.tensor for e in experts], params["clamp_ratio"])
+    if inputs is None:
+        return None
+    stats = direct.statistics(inputs, params["clamp_ratio"])
+    if not stats.finite:
+        raise _overflow(group, torch.float32)
+    if not stats.changed:
+        return base
+    coefficients = _coefficients(experts, params, torch.empty(0))
+    merged = direct.merge(inputs, stats.bounds, coefficients, params["pcb_ratio"], params["lambda"])
+    return merged.reshape(base.shape)
+
+
+def _overflow(group: TensorGroup, work: torch.dtype) -> ValueError:
+    """The error for a non-finite task vector, naming the input at fault where one is."""
+    check_finite(group)
+    return ValueError(
+        f"pcb: tensor '{group.metadata.name}': a task vector overflows {work} "
+        "(model minus base_model exceeds its range); allowed: differences representable "
+        f"in {work} (set dtype: float64)"
+    )
 
 
 def prepare(
@@ -301,14 +337,8 @@ def prepare(
     vectors = task_vectors(
         group.base.tensor, [e.tensor for e in experts], reuse=reuse, observe=observe
     )
-    work = vectors.tau.dtype
     if not vectors.finite:
-        check_finite(group)
-        raise ValueError(
-            f"pcb: tensor '{group.metadata.name}': a task vector overflows {work} "
-            "(model minus base_model exceeds its range); allowed: differences representable "
-            f"in {work} (set dtype: float64)"
-        )
+        raise _overflow(group, vectors.tau.dtype)
     return model_scope.Prepared(tuple(experts), vectors.base, vectors.tau, not vectors.changed)
 
 

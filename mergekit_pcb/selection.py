@@ -58,6 +58,11 @@ _EXTREME_SHARE = 16
 ValuesAt = Callable[[int, torch.Tensor], torch.Tensor]
 
 
+def is_extreme(rank: int, d: int) -> bool:
+    """Whether ``sorted(row)[rank]`` of a row of d is found from block extremes."""
+    return _is_extreme(rank, d) is not None
+
+
 def _is_extreme(rank: int, d: int) -> str | None:
     if (rank + 1) * BLOCK * _EXTREME_SHARE <= d:
         return "low"
@@ -107,6 +112,16 @@ class RowSelection:
             self._maxima[columns.start] = high
             if not self._sampled:
                 self._add(counted)
+
+    def feed_blocks(self, columns: slice, minima: torch.Tensor, maxima: torch.Tensor) -> None:
+        """Instead of :meth:`feed`: the chunk's per-row extremes of every BLOCK columns
+        (n x blocks, a short tail its own block), made elsewhere (e.g. by the compiled
+        loops straight from a merge's inputs). Only where every rank is extreme."""
+        if self._radix_ranks:
+            raise ValueError(f"ranks {self._radix_ranks} are not extreme: they need feed()")
+        with self._lock:
+            self._minima[columns.start] = minima if "low" in self._kinds else None
+            self._maxima[columns.start] = maxima if "high" in self._kinds else None
 
     def finish(
         self,
@@ -169,15 +184,25 @@ class RowSelection:
                 selector.advance()
         return [selector.values() for selector in self._selectors]
 
-    def _store_sample(self, columns: slice, chunk: torch.Tensor) -> None:
-        """The top digits of this chunk's sampled columns, into their slots (disjoint per
-        chunk, so no lock is held while they are written)."""
+    def sample_rows(self, device: torch.device) -> tuple[torch.Tensor, int] | None:
+        """Where the sample goes (n x slots int32: the top digits of every stride-th
+        column, at column // stride) and the stride; None if this selection takes no
+        sample. A producer that writes every chunk's sample there itself need not
+        :meth:`feed` the chunks (e.g. the compiled loops of mergekit_pcb.direct)."""
+        if not self._sampled:
+            return None
         with self._lock:
             if self._sample is None:  # reused between merges; a clash costs a miss at most
                 slots = -(-self.d // self._stride)
                 self._sample = workspace.buffer(
-                    "selection sample", self.n * slots, torch.int32, chunk.device
+                    "selection sample", self.n * slots, torch.int32, device
                 ).view(self.n, slots)
+        return self._sample, self._stride
+
+    def _store_sample(self, columns: slice, chunk: torch.Tensor) -> None:
+        """The top digits of this chunk's sampled columns, into their slots (disjoint per
+        chunk, so no lock is held while they are written)."""
+        self.sample_rows(chunk.device)
         first = -(-columns.start // self._stride) * self._stride
         if first >= columns.stop:
             return

@@ -9,6 +9,8 @@ for bit.
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 from conftest import assert_close_to_reference
@@ -22,8 +24,10 @@ from mergekit_pcb import kernel, method, parallel, selection, workspace
 
 
 @pytest.fixture
-def threads():
-    """Restore torch's thread count whatever a test sets."""
+def threads(monkeypatch):
+    """Restore torch's thread count whatever a test sets; even a few chunks go to the
+    pool, so that two threads really run."""
+    monkeypatch.setattr(parallel, "CHUNKS_PER_THREAD", 1)
     before = torch.get_num_threads()
     yield
     torch.set_num_threads(before)
@@ -222,6 +226,20 @@ def test_map_chunks_restores_threads_keeps_order_and_raises(threads):
     with pytest.raises(ValueError, match="chunk"):
         parallel.map_chunks(fail, [1, 2], "cpu")
     assert torch.get_num_threads() == 2
+
+
+def test_few_chunks_stay_on_the_calling_thread():
+    """Under CHUNKS_PER_THREAD chunks per thread the hand-offs cost more than they gain."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        few = parallel.CHUNKS_PER_THREAD * 2 - 1
+        seen = parallel.map_chunks(lambda i: threading.get_ident(), list(range(few)), "cpu")
+        assert set(seen) == {threading.get_ident()}
+        many = parallel.map_chunks(lambda i: threading.get_ident(), list(range(few + 1)), "cpu")
+        assert threading.get_ident() not in set(many)
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_workspace_reuses_small_buffers_only(monkeypatch):

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from mergekit_pcb import workspace
+from mergekit_pcb import fused, workspace
 
 DIGIT_BITS = 16
 _RADIX = 1 << DIGIT_BITS
@@ -182,6 +182,8 @@ def window_counts(x: torch.Tensor, window: tuple[int, int]) -> np.ndarray:
     1 + j the pattern low + j, the last bin those above."""
     low, high = window
     bits = _as_bits(x)
+    if fused.enabled and bits.device.type == "cpu":
+        return fused.window_counts(bits, low, high)
     buffer = workspace.buffer("radix digits", bits.numel(), bits.dtype, bits.device)
     digits = torch.clamp(bits, low - 1, high + 1, out=buffer).sub_(low - 1)
     return _host(torch.bincount(digits, minlength=high - low + 3))

@@ -1,0 +1,140 @@
+"""The per-tensor merge read straight from its inputs: tau and T~ are never stored.
+
+Why: with the steps compiled (:mod:`mergekit_pcb.loops`) the merge is bound by
+memory traffic, and most of it was tau: written as an n x d float32 matrix, read
+back for the scores, written again as T~ and read for the weighted sum. Deriving
+tau from the inputs in each of the three passes instead (bf16 inputs are half its
+bytes per model) moves ~40% fewer bytes. The clip bounds, B, the cut and the
+merged vector are the same floats as :func:`mergekit_pcb.kernel.pcb_task_vector`
+makes from a stored tau (same blocks, same order of additions), so the paths that
+store tau (the evolutionary search, the model scope) agree with it bit for bit.
+
+Taken for ``pcb_scope: tensor`` on CPU when the inputs are contiguous bf16 or
+float32 (the experts of one dtype), at most :data:`fused.MAX_MODELS` models, and
+both clip ranks are found from block extremes (tensors of 1024+ elements with the
+default clamp_ratio); everything else runs :mod:`mergekit_pcb.method`'s stored-tau
+path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+
+from mergekit_pcb import fused, parallel, selection, workspace
+from mergekit_pcb.kernel import (
+    ClipBounds,
+    clip_bounds_from,
+    column_chunks,
+    cut_index,
+    quantile_indices,
+    safe_span,
+)
+
+# |tau|'s bit patterns at or above this are infinite or NaN.
+_INFINITY_BITS = 0x7F800000
+
+
+class Source(NamedTuple):
+    """A tensor's inputs, flat, as both torch (for gathers) and the loops see them."""
+
+    base: torch.Tensor
+    experts: list[torch.Tensor]
+    loops: fused.Inputs
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return len(self.experts), self.base.numel()
+
+
+class Statistics(NamedTuple):
+    finite: bool  # no NaN/Inf anywhere in tau
+    changed: bool  # some entry of tau is nonzero
+    bounds: ClipBounds | None  # only when finite and changed
+
+
+def source(
+    base: torch.Tensor, experts: Sequence[torch.Tensor], clamp_ratio: float
+) -> Source | None:
+    """The inputs in this path's form; None where it does not apply (see the module)."""
+    d = base.numel()
+    if len(experts) > fused.MAX_MODELS or not all(
+        selection.is_extreme(k, d) for k in quantile_indices(d, clamp_ratio)
+    ):
+        return None
+    loops = fused.inputs(base, experts)
+    if loops is None:
+        return None
+    return Source(base.reshape(-1), [e.reshape(-1) for e in experts], loops)
+
+
+def _magnitudes(inputs: Source, row: int, columns: torch.Tensor) -> torch.Tensor:
+    """|tau| of one row at the given columns, as the loops compute it."""
+    base = inputs.base.index_select(0, columns).float()
+    return (inputs.experts[row].index_select(0, columns).float() - base).abs()
+
+
+def statistics(inputs: Source, clamp_ratio: float) -> Statistics:
+    """One read of the inputs: finiteness, whether anything changed, the clip bounds."""
+    n, d = inputs.shape
+    blocks = -(-d // selection.BLOCK)
+    minima, maxima = torch.empty(n, blocks), torch.empty(n, blocks)
+
+    def chunk(cols: slice) -> int:
+        return max(
+            fused.statistics_row(inputs.loops, i, cols, minima[i], maxima[i]) for i in range(n)
+        )
+
+    largest = max(parallel.map_chunks(chunk, column_chunks(n, d), "cpu"))
+    finite, changed = largest < _INFINITY_BITS, largest > 0
+    if not (finite and changed):
+        return Statistics(finite, changed, None)
+    pick = selection.RowSelection(n, d, torch.float32, quantile_indices(d, clamp_ratio))
+    pick.feed_blocks(slice(0, d), minima, maxima)
+    both = pick.finish([], lambda cols: None, lambda i, c: _magnitudes(inputs, i, c), "cpu")
+    return Statistics(True, True, clip_bounds_from(both))
+
+
+def merge(
+    inputs: Source, bounds: ClipBounds, coefficients: torch.Tensor, pcb_ratio: float, scale: float
+) -> torch.Tensor:
+    """The merged tensor base + scale * m (steps 1-11, flat, in the base's dtype): one
+    pass makes B (its row maxima and the cut's sample on the way), the cut reads B
+    once more, one pass makes the output; m is never stored."""
+    n, d = inputs.shape
+    columns = column_chunks(n, d)
+    score = workspace.buffer("scores", n * d, torch.float32, "cpu").view(n, d)
+    cut = selection.RowSelection(n, d, torch.float32, [cut_index(d, pcb_ratio)])
+    clip = (bounds.low.contiguous(), bounds.high.contiguous())
+    rows = (*clip, safe_span(*clip))
+    tops: dict[int, torch.Tensor] = {}
+
+    sample = cut.sample_rows("cpu")  # the loops write it; else each chunk is fed
+
+    def scores(cols: slice) -> None:
+        total = workspace.buffer("direct total", cols.stop - cols.start, torch.float32, "cpu")
+        tops[cols.start] = fused.scores_direct(inputs.loops, cols, score, rows, total, sample)
+        if sample is None:
+            cut.feed(cols, score[:, cols])
+
+    parallel.map_chunks(scores, columns, "cpu")
+    threshold = cut.finish(
+        columns, lambda cols: score[:, cols], lambda i, c: score[i].index_select(0, c), "cpu"
+    )[:, 0].contiguous()
+    top = torch.stack([tops[k] for k in sorted(tops)], dim=1).amax(dim=1)
+    span = safe_span(threshold, top)
+    coefficients = coefficients.to(dtype=torch.float32).contiguous()
+    merged = torch.empty(d, dtype=inputs.base.dtype)
+    output = (inputs.base, scale, merged)
+
+    def combine(cols: slice) -> None:
+        w = cols.stop - cols.start
+        sums = tuple(workspace.buffer(f"direct {r}", w, torch.float32, "cpu") for r in "nd")
+        fused.combine_direct(
+            inputs.loops, cols, score, clip, threshold, span, coefficients, output, sums
+        )
+
+    parallel.map_chunks(combine, columns, "cpu")
+    return merged

@@ -1,0 +1,260 @@
+"""Which kernel steps run as compiled loops (:mod:`mergekit_pcb.loops`), and their calls.
+
+Why: on CPU every torch op streams its whole operand through the cache once; the
+score step is ~15 ops, and the keep cut's count writes a digits copy and re-reads
+it for ``bincount``. With two cores sharing one L3, threads barely help such ops
+(measured 1.1x), so the time per element is what counts. One compiled loop per
+step reads each element once: on the benchmark model the scores, the cut's count
+and the weighted sum each take about half the time of the torch ops in
+:mod:`mergekit_pcb.kernel`, which stay the reference and the path for CUDA
+tensors and float64. Every CPU float32 caller (method, model scope, evolve) goes
+through the same loops, so they still agree bit for bit.
+
+Numerics differ from the torch ops only by float32 rounding (a few ulp): exp2 is
+a degree-7 Taylor polynomial on [-1/2, 1/2] (first dropped term 5.2e-9 relative)
+scaled by an exact power of two, valid while the exponent stays >= -125, i.e. for
+up to :data:`MAX_MODELS` models; tanh is x (1 - x^2/3) below |x| < 1/64, as in the
+kernel, and ``math.tanh`` above.
+
+numba is imported on the first CPU merge, not with mergekit: other methods never
+pay for it. The loops are compiled once per machine (a few seconds) and cached
+on disk (numba's ``cache=True``); a later process loads them in ~0.1 s.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+# exp(n (m^2 - 1)) = 2^y with y >= -n log2(e); the power-of-two scaling stays a normal
+# float32 while y >= -125.
+MAX_MODELS = int(125 / math.log2(math.e))
+
+enabled = True  # tests switch it off to run the torch ops on CPU
+
+
+def serves(*tensors: torch.Tensor) -> bool:
+    """Whether the compiled loops take the step (else: the torch ops): contiguous CPU float32."""
+    return enabled and all(
+        t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in tensors
+    )
+
+
+def _loops():
+    from mergekit_pcb import loops  # numba: imported on first use (see the module docstring)
+
+    return loops
+
+
+def score_chunk(
+    tau: torch.Tensor,
+    score: torch.Tensor,
+    cols: slice,
+    total: torch.Tensor | None,
+    bounds: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    n_models: int,
+) -> torch.Tensor:
+    """kernel.scores' step for ``cols`` (T~ over tau, B into score); each row's max B there.
+
+    ``bounds``: low, high and span per row (float32 vectors of n); ``total``: the
+    column sums of the raw tau (None: this chunk's own).
+    """
+    loops = _loops()
+    keys = np.full(len(tau), np.iinfo(np.int32).min, dtype=np.int32)
+    loops.scores(
+        tau.numpy(),
+        score.numpy(),
+        cols.start,
+        cols.stop,
+        np.empty(0, np.float32) if total is None else total.numpy(),
+        *(b.numpy() for b in bounds),
+        np.float32(n_models * math.log2(math.e)),
+        keys,
+    )
+    return torch.from_numpy(keys ^ ((keys >> 31) & loops.SIGN_FLIP)).view(torch.float32)
+
+
+def window_counts(bits: torch.Tensor, low: int, high: int) -> np.ndarray:
+    """radix.window_counts of a flat CPU int32/int64 tensor of bit patterns."""
+    counts = np.zeros(high - low + 3, dtype=np.int64)
+    array = bits.numpy()
+    kind = array.dtype.type
+    _loops().window_counts(array, kind(low), kind(high), counts)
+    return counts
+
+
+def combine_chunk(  # noqa: PLR0913
+    clipped: torch.Tensor,
+    source: torch.Tensor,
+    from_scores: bool,
+    cols: slice,
+    threshold: torch.Tensor,
+    span: torch.Tensor,
+    coefficients: torch.Tensor,
+    out: torch.Tensor,
+) -> None:
+    """kernel's steps 9-10 for ``cols`` into ``out`` (the merged vector of d).
+
+    ``source`` is B (``from_scores``: W is made from it with ``threshold`` and
+    ``span``) or W itself.
+    """
+    _loops().combine(
+        clipped.numpy(),
+        source.numpy(),
+        from_scores,
+        cols.start,
+        cols.stop,
+        threshold.numpy(),
+        span.numpy(),
+        coefficients.numpy(),
+        out.numpy(),
+    )
+
+
+def drop_chunk(
+    score: torch.Tensor, cols: slice, threshold: torch.Tensor, span: torch.Tensor, out: torch.Tensor
+) -> None:
+    """kernel's step 9 for ``cols``: W into ``out`` (n x d)."""
+    _loops().drop(
+        score.numpy(), cols.start, cols.stop, threshold.numpy(), span.numpy(), out.numpy()
+    )
+
+
+# Storage dtypes the *_row loops read as bit patterns: (integer view, shift to float32).
+_PATTERNS = {torch.bfloat16: (torch.int16, 16), torch.float32: (torch.int32, 0)}
+
+
+class Inputs(NamedTuple):
+    """A tensor's flat inputs as the ``*_row`` loops read them (see :func:`inputs`)."""
+
+    experts: list[tuple[np.ndarray, int]]  # per model: int16/int32 patterns and shift
+    base: tuple[np.ndarray, int]
+
+
+def inputs(base: torch.Tensor, experts: Sequence[torch.Tensor]) -> Inputs | None:
+    """The loops' view of a tensor's inputs; None unless all are contiguous CPU tensors
+    of bf16 or float32."""
+    tensors = [base, *experts]
+    if not enabled or any(
+        t.device.type != "cpu" or not t.is_contiguous() or t.dtype not in _PATTERNS for t in tensors
+    ):
+        return None
+
+    def patterns(t: torch.Tensor) -> tuple[np.ndarray, int]:
+        view, shift = _PATTERNS[t.dtype]
+        return t.reshape(-1).view(view).numpy(), shift
+
+    return Inputs([patterns(e) for e in experts], patterns(base))
+
+
+def statistics_row(
+    source: Inputs, row: int, cols: slice, minima: torch.Tensor, maxima: torch.Tensor
+) -> int:
+    """One model's block extremes of |tau| on ``cols`` (into float32 vectors of blocks);
+    the bit pattern of its largest |tau| there."""
+    return int(
+        _loops().statistics_row(
+            (*source.experts[row], *source.base),
+            cols.start,
+            cols.stop,
+            minima.view(torch.int32).numpy(),
+            maxima.view(torch.int32).numpy(),
+        )
+    )
+
+
+def scores_direct(
+    source: Inputs,
+    cols: slice,
+    score: torch.Tensor,
+    bounds: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    total: torch.Tensor,
+    sample: tuple[torch.Tensor, int] | None,
+) -> torch.Tensor:
+    """B for ``cols`` from the inputs into ``score`` (n x d), as :func:`score_chunk`
+    makes it from a stored tau; each row's max B there. ``total``: scratch of the
+    chunk's width; ``sample``: the keep cut's sample rows and stride (see loops.score_row)."""
+    loops = _loops()
+    sums = total.numpy()
+    for i, expert in enumerate(source.experts):
+        loops.total_row((*expert, *source.base), cols.start, cols.stop, sums, i == 0)
+    n = len(source.experts)
+    low, high, span = (b.tolist() for b in bounds)
+    scale = np.float32(n * math.log2(math.e))
+    scores = score.numpy()
+    keys = np.full(n, np.iinfo(np.int32).min, dtype=np.int32)
+    rows, stride = (sample[0].numpy(), sample[1]) if sample else (np.empty((n, 0), np.int32), 0)
+    for i, expert in enumerate(source.experts):
+        keys[i] = loops.score_row(
+            (*expert, *source.base), cols.start, cols.stop, sums,
+            np.float32(low[i]), np.float32(high[i]), np.float32(span[i]), scale, scores[i], keys[i],
+            rows[i], stride,
+        )  # fmt: skip
+    return torch.from_numpy(keys ^ ((keys >> 31) & loops.SIGN_FLIP)).view(torch.float32)
+
+
+def output_serves(base: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether step 11 runs as a compiled loop: a contiguous CPU base and output dtype of
+    bf16 or float32 (float32 m)."""
+    return (
+        enabled
+        and base.device.type == "cpu"
+        and base.is_contiguous()
+        and base.dtype in _PATTERNS
+        and dtype in _PATTERNS
+    )
+
+
+def _output_args(base: torch.Tensor, out: torch.Tensor) -> tuple:
+    view, shift = _PATTERNS[base.dtype]
+    target = out.view(_PATTERNS[out.dtype][0]).numpy()
+    return base.reshape(-1).view(view).numpy(), shift, target, out.dtype == torch.bfloat16
+
+
+def add_scaled_chunk(
+    base: torch.Tensor, merged: torch.Tensor, scale: float, cols: slice, out: torch.Tensor
+) -> None:
+    """kernel.add_scaled for ``cols``: base + scale * m into ``out`` (flat, bf16 or float32)."""
+    base_bits, shift, target, to_bf16 = _output_args(base, out)
+    _loops().add_scaled(
+        base_bits, shift, merged.numpy(), np.float32(scale), cols.start, cols.stop, target, to_bf16
+    )
+
+
+def combine_direct(  # noqa: PLR0913
+    source: Inputs,
+    cols: slice,
+    score: torch.Tensor,
+    bounds: tuple[torch.Tensor, torch.Tensor],
+    threshold: torch.Tensor,
+    span: torch.Tensor,
+    coefficients: torch.Tensor,
+    output: tuple[torch.Tensor, float, torch.Tensor],
+    sums: tuple[torch.Tensor, torch.Tensor],
+) -> None:
+    """Steps 1-4 and 9-11 for ``cols`` from the inputs and B: ``output`` is (base, lambda,
+    out), and out gets what :func:`add_scaled_chunk` makes of the merged task vector
+    (the same floats as :func:`combine_chunk` gives), which is never stored.
+    ``sums``: two scratch vectors of the chunk's width."""
+    loops = _loops()
+    numerator, denominator = (t.numpy() for t in sums)
+    numerator[:] = 0
+    denominator[:] = 0
+    low, high = (b.tolist() for b in bounds)
+    t, width, weight = threshold.tolist(), span.tolist(), coefficients.tolist()
+    scores = score.numpy()
+    f32 = np.float32
+    for i, expert in enumerate(source.experts):
+        loops.combine_row(
+            (*expert, *source.base), cols.start, cols.stop, f32(low[i]), f32(high[i]), scores[i],
+            f32(t[i]), f32(width[i]), f32(weight[i]), numerator, denominator,
+        )  # fmt: skip
+    base, scale, out = output
+    base_bits, shift, target, to_bf16 = _output_args(base, out)
+    loops.finish_output(
+        numerator, denominator, base_bits, shift, cols.start, cols.stop, f32(scale), target, to_bf16
+    )
