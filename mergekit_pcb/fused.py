@@ -7,8 +7,9 @@ it for ``bincount``. With two cores sharing one L3, threads barely help such ops
 step reads each element once: on the benchmark model the scores, the cut's count
 and the weighted sum each take about half the time of the torch ops in
 :mod:`mergekit_pcb.kernel`, which stay the reference and the path for CUDA
-tensors and float64. Every CPU float32 caller (method, model scope, evolve) goes
-through the same loops, so they still agree bit for bit.
+tensors and float64; the ``*_row`` loops also read a tensor's inputs directly
+(:mod:`mergekit_pcb.direct`). Every CPU float32 caller (method, model scope,
+evolve) goes through the same loops, so they still agree bit for bit.
 
 Numerics differ from the torch ops only by float32 rounding (a few ulp): exp2 is
 a degree-7 Taylor polynomial on [-1/2, 1/2] (first dropped term 5.2e-9 relative)
@@ -17,8 +18,8 @@ up to :data:`MAX_MODELS` models; tanh is x (1 - x^2/3) below |x| < 1/64, as in t
 kernel, and ``math.tanh`` above.
 
 numba is imported on the first CPU merge, not with mergekit: other methods never
-pay for it. The loops are compiled once per machine (a few seconds) and cached
-on disk (numba's ``cache=True``); a later process loads them in ~0.1 s.
+pay for it. The loops are compiled once per machine (~10 s in all) and cached on
+disk (numba's ``cache=True``); a later process imports numba and loads them in ~0.3 s.
 """
 
 from __future__ import annotations

@@ -291,12 +291,12 @@ def _coefficients(experts, params: dict, like: torch.Tensor) -> torch.Tensor:
 def _merge_direct(group: TensorGroup, params: dict) -> torch.Tensor | None:
     """The tensor-scope merge without storing tau (:mod:`mergekit_pcb.direct`), where it
     applies; None where not. The same floats as the stored-tau path."""
+    base, clamp_ratio = group.base.tensor, params["clamp_ratio"]
+    if direct.source(base, [e.tensor for e in group.non_base], clamp_ratio) is None:
+        return None  # before the canonical order, which the stored-tau path makes again
     experts = canonical_order(group.non_base, params["weight"])
-    base = group.base.tensor
-    inputs = direct.source(base, [e.tensor for e in experts], params["clamp_ratio"])
-    if inputs is None:
-        return None
-    stats = direct.statistics(inputs, params["clamp_ratio"])
+    inputs = direct.source(base, [e.tensor for e in experts], clamp_ratio)
+    stats = direct.statistics(inputs, clamp_ratio)
     if not stats.finite:
         raise _overflow(group, torch.float32)
     if not stats.changed:
