@@ -10,10 +10,12 @@ Speed: the merge is bound by memory traffic. A tensor's ~25 elementwise steps ru
 chunk by chunk over columns (about ``CHUNK_ELEMENTS`` per buffer), in cache, in
 threads (:mod:`mergekit_pcb.parallel`); the order statistics are taken from the
 same chunks while they are in cache (:mod:`mergekit_pcb.selection`), and
-:func:`pcb_task_vector` never stores W: each n x d matrix is read five times and
-written three, where a pass per step made ~25. The chunk boundaries depend only
-on (n, d), and every path (method, model scope, evolve cache) runs the same chunk
-functions, so they agree bit for bit.
+:func:`pcb_task_vector` never stores W. On CPU in float32 each chunk step is one
+compiled loop (:mod:`mergekit_pcb.fused`); the torch ops here are the path for
+CUDA and float64, and the reference those loops are tested against. The
+per-tensor method goes further and never stores tau (:mod:`mergekit_pcb.direct`).
+Every path (method, model scope, evolve cache) runs the same chunk functions, so
+they agree bit for bit.
 """
 
 from __future__ import annotations
