@@ -55,19 +55,20 @@ class Statistics(NamedTuple):
     bounds: ClipBounds | None  # only when finite and changed
 
 
-def source(
-    base: torch.Tensor, experts: Sequence[torch.Tensor], clamp_ratio: float
-) -> Source | None:
-    """The inputs in this path's form; None where it does not apply (see the module)."""
+def applies(base: torch.Tensor, experts: Sequence[torch.Tensor], clamp_ratio: float) -> bool:
+    """Whether this path takes the tensor (see the module); model order does not matter."""
     d = base.numel()
-    if len(experts) > fused.MAX_MODELS or not all(
-        selection.is_extreme(k, d) for k in quantile_indices(d, clamp_ratio)
-    ):
-        return None
-    loops = fused.inputs(base, experts)
-    if loops is None:
-        return None
-    return Source(base.reshape(-1), [e.reshape(-1) for e in experts], loops)
+    return (
+        len(experts) <= fused.MAX_MODELS
+        and all(selection.is_extreme(k, d) for k in quantile_indices(d, clamp_ratio))
+        and fused.accepts([base, *experts])
+    )
+
+
+def source(base: torch.Tensor, experts: Sequence[torch.Tensor]) -> Source:
+    """The inputs in this path's form, where :func:`applies`."""
+    flat = [e.reshape(-1) for e in experts]
+    return Source(base.reshape(-1), flat, fused.inputs(base, experts))
 
 
 def _magnitudes(inputs: Source, row: int, columns: torch.Tensor) -> torch.Tensor:

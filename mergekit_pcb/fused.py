@@ -51,6 +51,16 @@ def _loops():
     return loops
 
 
+def _no_keys(n: int) -> np.ndarray:
+    """Row-maximum keys before any score (see loops._score_row): below every float's."""
+    return np.full(n, np.iinfo(np.int32).min, dtype=np.int32)
+
+
+def _maxima(keys: np.ndarray) -> torch.Tensor:
+    """The floats whose order-preserving keys these are (the key map is its own inverse)."""
+    return torch.from_numpy(keys ^ ((keys >> 31) & _loops().SIGN_FLIP)).view(torch.float32)
+
+
 def score_chunk(
     tau: torch.Tensor,
     score: torch.Tensor,
@@ -65,7 +75,7 @@ def score_chunk(
     column sums of the raw tau (None: this chunk's own).
     """
     loops = _loops()
-    keys = np.full(len(tau), np.iinfo(np.int32).min, dtype=np.int32)
+    keys = _no_keys(len(tau))
     loops.scores(
         tau.numpy(),
         score.numpy(),
@@ -76,7 +86,7 @@ def score_chunk(
         np.float32(n_models * math.log2(math.e)),
         keys,
     )
-    return torch.from_numpy(keys ^ ((keys >> 31) & loops.SIGN_FLIP)).view(torch.float32)
+    return _maxima(keys)
 
 
 def window_counts(bits: torch.Tensor, low: int, high: int) -> np.ndarray:
@@ -136,20 +146,22 @@ class Inputs(NamedTuple):
     base: tuple[np.ndarray, int]
 
 
-def inputs(base: torch.Tensor, experts: Sequence[torch.Tensor]) -> Inputs | None:
-    """The loops' view of a tensor's inputs; None unless all are contiguous CPU tensors
-    of bf16 or float32."""
-    tensors = [base, *experts]
-    if not enabled or any(
-        t.device.type != "cpu" or not t.is_contiguous() or t.dtype not in _PATTERNS for t in tensors
-    ):
-        return None
+def _patterns(t: torch.Tensor) -> tuple[np.ndarray, int]:
+    """A bf16/float32 tensor, flat, as the loops read it: integer patterns and shift."""
+    view, shift = _PATTERNS[t.dtype]
+    return t.reshape(-1).view(view).numpy(), shift
 
-    def patterns(t: torch.Tensor) -> tuple[np.ndarray, int]:
-        view, shift = _PATTERNS[t.dtype]
-        return t.reshape(-1).view(view).numpy(), shift
 
-    return Inputs([patterns(e) for e in experts], patterns(base))
+def accepts(tensors: Sequence[torch.Tensor]) -> bool:
+    """Whether the ``*_row`` loops can read these inputs: contiguous CPU bf16 or float32."""
+    return enabled and all(
+        t.device.type == "cpu" and t.is_contiguous() and t.dtype in _PATTERNS for t in tensors
+    )
+
+
+def inputs(base: torch.Tensor, experts: Sequence[torch.Tensor]) -> Inputs:
+    """The loops' view of a tensor's inputs, which :func:`accepts` must accept."""
+    return Inputs([_patterns(e) for e in experts], _patterns(base))
 
 
 def statistics_row(
@@ -187,7 +199,7 @@ def scores_direct(
     low, high, span = (b.tolist() for b in bounds)
     scale = np.float32(n * math.log2(math.e))
     scores = score.numpy()
-    keys = np.full(n, np.iinfo(np.int32).min, dtype=np.int32)
+    keys = _no_keys(n)
     rows, stride = (sample[0].numpy(), sample[1]) if sample else (np.empty((n, 0), np.int32), 0)
     for i, expert in enumerate(source.experts):
         keys[i] = loops.score_row(
@@ -195,25 +207,18 @@ def scores_direct(
             np.float32(low[i]), np.float32(high[i]), np.float32(span[i]), scale, scores[i], keys[i],
             rows[i], stride,
         )  # fmt: skip
-    return torch.from_numpy(keys ^ ((keys >> 31) & loops.SIGN_FLIP)).view(torch.float32)
+    return _maxima(keys)
 
 
 def output_serves(base: torch.Tensor, dtype: torch.dtype) -> bool:
     """Whether step 11 runs as a compiled loop: a contiguous CPU base and output dtype of
     bf16 or float32 (float32 m)."""
-    return (
-        enabled
-        and base.device.type == "cpu"
-        and base.is_contiguous()
-        and base.dtype in _PATTERNS
-        and dtype in _PATTERNS
-    )
+    return accepts([base]) and dtype in _PATTERNS
 
 
 def _output_args(base: torch.Tensor, out: torch.Tensor) -> tuple:
-    view, shift = _PATTERNS[base.dtype]
     target = out.view(_PATTERNS[out.dtype][0]).numpy()
-    return base.reshape(-1).view(view).numpy(), shift, target, out.dtype == torch.bfloat16
+    return *_patterns(base), target, out.dtype == torch.bfloat16
 
 
 def add_scaled_chunk(

@@ -292,10 +292,10 @@ def _merge_direct(group: TensorGroup, params: dict) -> torch.Tensor | None:
     """The tensor-scope merge without storing tau (:mod:`mergekit_pcb.direct`), where it
     applies; None where not. The same floats as the stored-tau path."""
     base, clamp_ratio = group.base.tensor, params["clamp_ratio"]
-    if direct.source(base, [e.tensor for e in group.non_base], clamp_ratio) is None:
-        return None  # before the canonical order, which the stored-tau path makes again
+    if not direct.applies(base, [e.tensor for e in group.non_base], clamp_ratio):
+        return None  # before the canonical order, which the stored-tau path makes itself
     experts = canonical_order(group.non_base, params["weight"])
-    inputs = direct.source(base, [e.tensor for e in experts], clamp_ratio)
+    inputs = direct.source(base, [e.tensor for e in experts])
     stats = direct.statistics(inputs, clamp_ratio)
     if not stats.finite:
         raise _overflow(group, torch.float32)

@@ -140,8 +140,8 @@ def test_direct_path_is_the_stored_path_bit_for_bit(dtype, n, d):
         for i in range(n)
     ]
     coefficients = torch.rand(n, generator=generator) + 0.5
-    source = direct.source(base, experts, 1e-4)
-    assert source is not None
+    assert direct.applies(base, experts, 1e-4)
+    source = direct.source(base, experts)
     stats = direct.statistics(source, 1e-4)
     assert stats.finite and stats.changed
     merged = direct.merge(source, stats.bounds, coefficients, 0.2, 0.7)
@@ -162,14 +162,14 @@ def test_direct_path_is_the_stored_path_bit_for_bit(dtype, n, d):
 
 def test_direct_statistics_flag_unchanged_and_non_finite():
     base = torch.randn(4096).to(torch.bfloat16)
-    same = direct.statistics(direct.source(base, [base.clone(), base.clone()], 1e-4), 1e-4)
+    same = direct.statistics(direct.source(base, [base.clone(), base.clone()]), 1e-4)
     assert (same.finite, same.changed, same.bounds) == (True, False, None)
     broken = base.clone()
     broken[1234] = float("nan")
-    bad = direct.statistics(direct.source(base, [base.clone(), broken], 1e-4), 1e-4)
+    bad = direct.statistics(direct.source(base, [base.clone(), broken]), 1e-4)
     assert not bad.finite
     huge = torch.full((4096,), 3e38)
-    overflow = direct.statistics(direct.source(-huge, [huge], 1e-4), 1e-4)
+    overflow = direct.statistics(direct.source(-huge, [huge]), 1e-4)
     assert not overflow.finite  # 3e38 - (-3e38) is inf in float32
 
 
@@ -200,7 +200,7 @@ def test_direct_statistics_flag_unchanged_and_non_finite():
     ],
 )
 def test_direct_path_declines(why, base, experts, clamp_ratio):
-    assert direct.source(base, experts, clamp_ratio) is None, why
+    assert not direct.applies(base, experts, clamp_ratio), why
 
 
 @pytest.mark.parametrize("n", [fused.MAX_MODELS, fused.MAX_MODELS + 1])
@@ -222,7 +222,7 @@ def test_direct_path_matches_the_reference(dtype):
         (base.float() + s * torch.randn(64, 96, generator=generator)).to(dtype)
         for s in (0.02, 0.3, 1.5)
     ]
-    assert direct.source(base, experts, 1e-4) is not None
+    assert direct.applies(base, experts, 1e-4)
     parameters = {"pcb_ratio": 0.2, "weight": [0.5, 1.0, 2.0], "lambda": 0.8}
     out = merge_tensors([base, *experts], "pcb", base_index=0, parameters=parameters)
     expected = reference_merge(base, experts, weights=[0.5, 1.0, 2.0], pcb_ratio=0.2, lam=0.8)
@@ -286,7 +286,8 @@ def test_direct_scores_store_the_sample_that_feed_would():
     base = torch.randn(d, generator=generator).to(torch.bfloat16)
     experts = [(base.float() + 0.01 * torch.randn(d, generator=generator)).bfloat16()]
     experts += [(base.float() + 0.02 * torch.randn(d, generator=generator)).bfloat16()] * 2
-    source = direct.source(base, experts, 1e-4)
+    assert direct.applies(base, experts, 1e-4)
+    source = direct.source(base, experts)
     bounds = direct.statistics(source, 1e-4).bounds
     rows = (bounds.low, bounds.high, kernel.safe_span(bounds.low, bounds.high))
     score = torch.empty(n, d)
