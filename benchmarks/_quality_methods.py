@@ -16,11 +16,11 @@ from pathlib import Path
 
 import _quality_evolve
 import torch
+import toy
 from mergekit.merge_methods import get, merge_state_dicts, registered_methods
 from safetensors.torch import load_file
 
 import mergekit_pcb  # noqa: F401  (registers ``pcb`` even when autoload is off)
-from mergekit_pcb import toy
 
 
 def _has_parameter(method: str, parameter: str) -> Callable[[], bool]:

@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
+import toy
 from safetensors.torch import load_file, save_file
 
-from mergekit_pcb import toy
 from mergekit_pcb.tiny import new_llama, tiny_llama_config
 
 CACHE_ENV = "MERGEKIT_PCB_BENCH_CACHE"

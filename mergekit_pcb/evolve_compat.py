@@ -26,17 +26,19 @@ from __future__ import annotations
 
 import functools
 
+from mergekit_pcb import mergekit_internals
+from mergekit_pcb.parameters import PCB_RATIO, WEIGHT
+
 METHOD = "pcb"
-PARAMS = ["weight", "pcb_ratio"]
+PARAMS = [WEIGHT.name, PCB_RATIO.name]
 MIN_RATIO = 1e-3
-DEFAULT_RATIO = 0.1
 
 
 def _ratio_genes(genome, genotype):
     """A copy of ``genotype`` with its pcb_ratio genes mapped into (0, 1]."""
-    genotype = genome._to_torch(genotype).clone()  # noqa: SLF001 - mergekit's own reshaper
-    index = PARAMS.index("pcb_ratio")
-    genotype[..., index] = genotype[..., index].abs().clamp(MIN_RATIO, 1.0)
+    genotype = mergekit_internals.genotype_tensor(genome, genotype).clone()
+    index = PARAMS.index(PCB_RATIO.name)
+    genotype[..., index] = genotype[..., index].abs().clamp(MIN_RATIO, PCB_RATIO.high)
     return genotype
 
 
@@ -98,7 +100,7 @@ def patch(module=None) -> None:
     def initial_genotype(self, random: bool = False):
         x0 = original_initial(self, random=random)
         if self.definition.merge_method == METHOD and not random:
-            x0[..., PARAMS.index("pcb_ratio")] = DEFAULT_RATIO
+            x0[..., PARAMS.index(PCB_RATIO.name)] = PCB_RATIO.default
         return x0
 
     cls.genotype_merge_config = genotype_merge_config

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(1, str(Path(__file__).parent.parent / "benchmarks"))  # toy.py
 
 BIN = Path(sys.executable).parent
 NUM_LAYERS = 3

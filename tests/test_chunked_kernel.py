@@ -20,14 +20,14 @@ from mergekit.merge_methods import merge_tensors
 from reference import reference_merge
 
 import mergekit_pcb  # noqa: F401  (registers pcb)
-from mergekit_pcb import kernel, method, parallel, selection, workspace
+from mergekit_pcb.kernel import experts, runtime, selection, torch_ops
 
 
 @pytest.fixture
 def threads(monkeypatch):
     """Restore torch's thread count whatever a test sets; even a few chunks go to the
     pool, so that two threads really run."""
-    monkeypatch.setattr(parallel, "CHUNKS_PER_THREAD", 1)
+    monkeypatch.setattr(runtime, "CHUNKS_PER_THREAD", 1)
     before = torch.get_num_threads()
     yield
     torch.set_num_threads(before)
@@ -54,8 +54,8 @@ def test_many_chunks_and_block_extremes_match_reference(monkeypatch, threads, d,
     # rank int(d * 5e-4) is extreme for d >= 1024 * (rank + 1): the block path runs.
     assert selection._is_extreme(int(d * 5e-4), d) == "low"
     whole = merge(base, experts, **params)
-    monkeypatch.setattr(kernel, "CHUNK_ELEMENTS", 7 * selection.BLOCK * n + 5)
-    assert len(kernel.column_chunks(n, d)) >= 9
+    monkeypatch.setattr(runtime, "CHUNK_ELEMENTS", 7 * runtime.BLOCK * n + 5)
+    assert len(runtime.column_chunks(n, d)) >= 9
     for count in (1, 2):
         torch.set_num_threads(count)
         chunked = merge(base, experts, **params)
@@ -91,9 +91,9 @@ def test_row_selection_equals_sort_for_any_chunking(case, block, chunk_blocks):
     x, ranks = case
     n, d = x.shape
     original = selection.BLOCK
-    selection.BLOCK = block
+    selection.BLOCK = runtime.BLOCK = block
     try:
-        columns = selection.column_chunks(d, chunk_blocks * block)
+        columns = runtime.column_chunks(1, d, chunk_blocks * block)
         pick = selection.RowSelection(n, d, x.dtype, ranks)
         for cols in reversed(columns):  # any order
             pick.feed(cols, x[:, cols])
@@ -101,7 +101,7 @@ def test_row_selection_equals_sort_for_any_chunking(case, block, chunk_blocks):
             columns, lambda c: x[:, c], lambda i, c: x[i].index_select(0, c), x.device
         )
     finally:
-        selection.BLOCK = original
+        selection.BLOCK = runtime.BLOCK = original
     want = torch.sort(x, dim=1).values[:, ranks]
     assert torch.equal(got, want)
 
@@ -115,7 +115,7 @@ def test_sampled_cut_equals_sort(case, chunk_blocks, share):
     x = x.float()
     n, d = x.shape
     rank = min(int(d * share), d - 1)
-    columns = selection.column_chunks(d, chunk_blocks * selection.BLOCK)
+    columns = runtime.column_chunks(1, d, chunk_blocks * runtime.BLOCK)
     original = selection._SAMPLE_MIN_COLUMNS
     selection._SAMPLE_MIN_COLUMNS = 1  # sample rows of any length
     try:
@@ -131,7 +131,7 @@ def test_sampled_cut_equals_sort(case, chunk_blocks, share):
 
 def _keep_cut(x: torch.Tensor, rank: int) -> tuple[torch.Tensor, selection.RowSelection]:
     n, d = x.shape
-    columns = kernel.column_chunks(n, d)
+    columns = runtime.column_chunks(n, d)
     pick = selection.RowSelection(n, d, x.dtype, [rank])
     for cols in columns:
         pick.feed(cols, x[:, cols])
@@ -168,11 +168,11 @@ def test_block_path_with_a_mostly_zero_row():
     x[0, 5] = -1.0  # one element below every block minimum of 0
     x[1, ::97] = torch.arange(1, len(range(0, d, 97)) + 1, dtype=torch.float32)
     ranks = [0, 1, 20, d - 1, d - 3]
-    assert torch.equal(kernel.order_statistics(x, ranks), torch.sort(x, dim=1).values[:, ranks])
+    assert torch.equal(torch_ops.order_statistics(x, ranks), torch.sort(x, dim=1).values[:, ranks])
 
 
 def _tanh(x: torch.Tensor) -> torch.Tensor:
-    return kernel._tanh_(x.clone(), torch.empty_like(x), torch.empty_like(x))
+    return torch_ops._tanh_(x.clone(), torch.empty_like(x), torch.empty_like(x))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -183,7 +183,7 @@ def test_tanh_within_two_ulp(dtype):
     spread = torch.logspace(-20, 2, 4000, dtype=torch.float64).to(dtype)
     edges = [
         torch.linspace(limit * 0.9, limit * 1.1, 2001, dtype=torch.float64).to(dtype)
-        for limit in (kernel._TANH_CUBIC_LIMIT, kernel._TANH_POLY_LIMIT)
+        for limit in (torch_ops._TANH_CUBIC_LIMIT, torch_ops._TANH_POLY_LIMIT)
     ]
     x = torch.cat(
         [tiny, spread, -spread, *edges, *(-e for e in edges)]
@@ -204,19 +204,19 @@ def test_tanh_formula_depends_only_on_the_entry():
     together = _tanh(x)
     alone = torch.cat([_tanh(x[i : i + 1]) for i in range(len(x))])
     halves = torch.cat([_tanh(x[:300]), _tanh(x[300:])])
-    cubic_only = x.abs() < kernel._TANH_CUBIC_LIMIT  # a chunk that takes the one-formula path
+    cubic_only = x.abs() < torch_ops._TANH_CUBIC_LIMIT  # a chunk that takes the one-formula path
     assert torch.equal(_tanh(x[cubic_only]), together[cubic_only])
     assert torch.equal(together, alone) and torch.equal(together, halves)
 
 
 def test_map_chunks_restores_threads_keeps_order_and_raises(threads):
     torch.set_num_threads(2)
-    seen = parallel.map_chunks(lambda i: (i, torch.get_num_threads()), list(range(9)), "cpu")
+    seen = runtime.map_chunks(lambda i: (i, torch.get_num_threads()), list(range(9)), "cpu")
     assert [i for i, _ in seen] == list(range(9))
     assert all(inner == 1 for _, inner in seen)  # the pool's ops run single-threaded
     assert torch.get_num_threads() == 2
-    nested = parallel.map_chunks(
-        lambda i: parallel.map_chunks(lambda j: j * i, [1, 2], "cpu"), [1, 2, 3], "cpu"
+    nested = runtime.map_chunks(
+        lambda i: runtime.map_chunks(lambda j: j * i, [1, 2], "cpu"), [1, 2, 3], "cpu"
     )
     assert nested == [[1, 2], [2, 4], [3, 6]]
 
@@ -224,7 +224,7 @@ def test_map_chunks_restores_threads_keeps_order_and_raises(threads):
         raise ValueError(f"chunk {i}")
 
     with pytest.raises(ValueError, match="chunk"):
-        parallel.map_chunks(fail, [1, 2], "cpu")
+        runtime.map_chunks(fail, [1, 2], "cpu")
     assert torch.get_num_threads() == 2
 
 
@@ -233,40 +233,54 @@ def test_few_chunks_stay_on_the_calling_thread():
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        few = parallel.CHUNKS_PER_THREAD * 2 - 1
-        seen = parallel.map_chunks(lambda i: threading.get_ident(), list(range(few)), "cpu")
+        few = runtime.CHUNKS_PER_THREAD * 2 - 1
+        seen = runtime.map_chunks(lambda i: threading.get_ident(), list(range(few)), "cpu")
         assert set(seen) == {threading.get_ident()}
-        many = parallel.map_chunks(lambda i: threading.get_ident(), list(range(few + 1)), "cpu")
+        many = runtime.map_chunks(lambda i: threading.get_ident(), list(range(few + 1)), "cpu")
         assert threading.get_ident() not in set(many)
     finally:
         torch.set_num_threads(before)
 
 
-def test_workspace_reuses_small_buffers_only(monkeypatch):
-    workspace.release()
-    a = workspace.buffer("t", 1000, torch.float32, torch.device("cpu"))
-    b = workspace.buffer("t", 500, torch.float32, torch.device("cpu"))
-    assert b.data_ptr() == a.data_ptr()  # the same memory, reused
-    c = workspace.buffer("t", 4000, torch.float32, torch.device("cpu"))
-    assert c.numel() == 4000  # grown
-    other = workspace.buffer("u", 10, torch.float32, torch.device("cpu"))
-    assert other.data_ptr() != c.data_ptr()
-    monkeypatch.setattr(workspace, "MAX_BYTES", 1024)
-    big = workspace.buffer("t", 1000, torch.float32, torch.device("cpu"))
-    again = workspace.buffer("t", 1000, torch.float32, torch.device("cpu"))
-    assert big.data_ptr() != again.data_ptr()  # too big to hold: fresh each time
-    workspace.release()
+def test_buffers_reuse_small_ones_only(monkeypatch):
+    cpu = torch.device("cpu")
+
+    def run() -> None:  # a fresh thread: no buffers yet
+        a = runtime.buffer(runtime.Role.SCORES, 1000, torch.float32, cpu)
+        b = runtime.buffer(runtime.Role.SCORES, 500, torch.float32, cpu)
+        assert b.data_ptr() == a.data_ptr()  # the same memory, reused
+        c = runtime.buffer(runtime.Role.SCORES, 4000, torch.float32, cpu)
+        assert c.numel() == 4000  # grown
+        other = runtime.buffer(runtime.Role.WEIGHTS, 10, torch.float32, cpu)
+        assert other.data_ptr() != c.data_ptr()
+        monkeypatch.setattr(runtime, "MAX_BUFFER_BYTES", 1024)
+        big = runtime.buffer(runtime.Role.SCORES, 1000, torch.float32, cpu)
+        again = runtime.buffer(runtime.Role.SCORES, 1000, torch.float32, cpu)
+        assert big.data_ptr() != again.data_ptr()  # too big to hold: fresh each time
+
+    errors = []
+    thread = threading.Thread(target=lambda: _record(run, errors))
+    thread.start()
+    thread.join()
+    assert not errors, errors[0]
+
+
+def _record(fn, errors: list) -> None:
+    try:
+        fn()
+    except BaseException as error:
+        errors.append(error)
 
 
 def test_sampled_content_keys_fall_back_to_full_keys():
     """Experts equal on every sampled entry still get distinct keys, so a fixed order."""
     d = 64 * 1024
-    step = d // method._SAMPLE
+    step = d // experts._KEY_SAMPLE
     base = torch.zeros(d)
     a, b = base.clone(), base.clone()
     a[1], b[2] = 0.5, -0.25  # off the sample grid (multiples of step)
     assert step > 2
-    keys = method.content_keys([a, b])
+    keys = experts.content_keys([a, b])
     assert keys[0] != keys[1]
     full = [(float(t.double().sum()), float(t.double().norm())) for t in (a, b)]
     assert keys == full
@@ -278,13 +292,13 @@ def test_sampled_content_keys_fall_back_to_full_keys():
 def test_task_vectors_round_wider_inputs_first_and_flag_content():
     base = torch.tensor([1.0, 2.0, 3.0])
     wide = torch.tensor([1.0 + 1e-12, 2.5, 3.0], dtype=torch.float64)
-    vectors = method.task_vectors(base, [wide, base.clone()])
+    vectors = experts.task_vectors(base, [wide, base.clone()])
     assert vectors.tau.dtype == torch.float32
     assert torch.equal(vectors.tau[0], wide.float() - base)  # round(expert) - base
     assert vectors.finite and vectors.changed
-    same = method.task_vectors(base, [base.clone()])
+    same = experts.task_vectors(base, [base.clone()])
     assert same.finite and not same.changed
-    bad = method.task_vectors(base, [torch.tensor([1.0, float("nan"), 3.0])])
+    bad = experts.task_vectors(base, [torch.tensor([1.0, float("nan"), 3.0])])
     assert not bad.finite
 
 
@@ -293,17 +307,19 @@ def test_fused_task_vector_equals_the_three_steps(monkeypatch, threads, dtype):
     """pcb_task_vector (cut taken from chunks in cache, W never stored) gives the very
     floats of scores -> drop_weights -> combine, which the evolve cache and the model
     scope call separately."""
-    monkeypatch.setattr(kernel, "CHUNK_ELEMENTS", 3 * 64 * 9)
+    monkeypatch.setattr(runtime, "CHUNK_ELEMENTS", 3 * 64 * 9)
     g = torch.Generator().manual_seed(3)
     tau = (0.01 * torch.randn(3, 12_345, generator=g)).to(dtype)
     tau *= torch.rand(3, 12_345, generator=g) > 0.3
     coefficients = torch.tensor([0.7, 1.0, 1.3], dtype=dtype)
     for count in (1, 2):
         torch.set_num_threads(count)
-        fused = kernel.pcb_task_vector(tau.clone(), coefficients, pcb_ratio=0.15, clamp_ratio=1e-3)
-        clipped, score = kernel.scores(tau.clone(), clamp_ratio=1e-3)
-        weights = kernel.drop_weights(score, 0.15)
-        assert torch.equal(fused, kernel.combine(clipped, weights, coefficients))
+        fused = torch_ops.pcb_task_vector(
+            tau.clone(), coefficients, pcb_ratio=0.15, clamp_ratio=1e-3
+        )
+        clipped, score = torch_ops.scores(tau.clone(), clamp_ratio=1e-3)
+        weights = torch_ops.drop_weights(score, 0.15)
+        assert torch.equal(fused, torch_ops.combine(clipped, weights, coefficients))
         assert fused.dtype == dtype
 
 

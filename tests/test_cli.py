@@ -12,7 +12,7 @@ from mergekit.scripts.run_yaml import main as mergekit_yaml
 from reference import reference_merge
 
 from mergekit_pcb.cli import main as cli
-from mergekit_pcb.merge_cli import merge
+from mergekit_pcb.cli.merge import merge
 
 
 def option_names(command) -> set[str]:

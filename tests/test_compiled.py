@@ -1,9 +1,9 @@
-"""The compiled loops (mergekit_pcb.loops) and the direct path (mergekit_pcb.direct).
+"""The compiled loops (torch_ops.loops) and the streamed path (torch_ops.streamed).
 
 The loops replace torch ops on CPU float32, so each is checked three ways: against
 an independent float64 evaluation of the same formula on the same float32 values,
 against the torch ops they replace (still the CUDA/float64 path), and, for the
-direct path, bit for bit against the stored-tau path that the evolutionary search
+streamed path, bit for bit against the stored-tau path that the evolutionary search
 and the model scope run. End to end, against tests/reference.py, where the loops'
 edge cases live: many models (the exp2 range), entries beyond the tanh cubic, bf16
 inputs.
@@ -23,21 +23,29 @@ from hypothesis import strategies as st
 from mergekit.merge_methods import merge_tensors
 from reference import reference_merge
 
-from mergekit_pcb import direct, fused, kernel, method, selection
-from mergekit_pcb.scope import radix
+from mergekit_pcb import kernel
+from mergekit_pcb.kernel import (
+    bindings,
+    paths,
+    radix,
+    runtime,
+    selection,
+    streamed,
+    torch_ops,
+)
 
 ULP = 2.0**-23
 TINY = torch.finfo(torch.float32).tiny  # below it float32 is subnormal: ulps are absolute
 
 
 @pytest.fixture
-def torch_ops():
+def loops_off():
     """The torch ops on CPU instead of the loops, for the length of one test."""
-    fused.enabled = False
+    bindings.enabled = False
     try:
         yield
     finally:
-        fused.enabled = True
+        bindings.enabled = True
 
 
 def _tau(n: int, d: int, scale: float, seed: int) -> torch.Tensor:
@@ -49,12 +57,12 @@ def _tau(n: int, d: int, scale: float, seed: int) -> torch.Tensor:
     return tau
 
 
-def _scores(tau: torch.Tensor, bounds: kernel.ClipBounds):
-    clipped, score = kernel.scores(tau.clone(), bounds)
+def _scores(tau: torch.Tensor, bounds: torch_ops.ClipBounds):
+    clipped, score = torch_ops.scores(tau.clone(), bounds)
     return clipped, score
 
 
-def _float64_scores(tau: torch.Tensor, bounds: kernel.ClipBounds) -> torch.Tensor:
+def _float64_scores(tau: torch.Tensor, bounds: torch_ops.ClipBounds) -> torch.Tensor:
     """B with the loops' float32 steps up to tanh's argument and 2's exponent (plain
     IEEE operations, the same on both sides), and exact float64 from there: what is
     left to compare is the loops' exp2 polynomial, tanh and final products."""
@@ -85,7 +93,7 @@ def test_scores_within_a_few_ulp_of_float64(n, d, scale):
     """exp2's polynomial and the tanh branches, over exponents down to -124 (86 models)
     and products up to tanh's saturation."""
     tau = _tau(n, d, scale, seed=n)
-    bounds = kernel.clip_bounds(tau.clone(), 1e-3)
+    bounds = torch_ops.clip_bounds(tau.clone(), 1e-3)
     clipped, score = _scores(tau, bounds)
     expected = _float64_scores(tau, bounds)
     error = (score.double() - expected).abs() / (expected.abs().clamp(min=TINY) * ULP)
@@ -101,7 +109,7 @@ def test_loops_agree_with_the_torch_ops(n, d, scale):
     """The same B (to float32 rounding), the same T~ and the same row maxima as the ops
     the loops replaced (the path CUDA still runs)."""
     tau = _tau(n, d, scale, seed=d)
-    bounds = kernel.clip_bounds(tau.clone(), 1e-4)
+    bounds = torch_ops.clip_bounds(tau.clone(), 1e-4)
     results = {}
     for enabled in (True, False):
         tops: dict = {}
@@ -109,11 +117,11 @@ def test_loops_agree_with_the_torch_ops(n, d, scale):
         def observe(cols: slice, _: torch.Tensor, top: torch.Tensor, tops: dict = tops) -> None:
             tops[cols.start] = top
 
-        fused.enabled = enabled
+        bindings.enabled = enabled
         try:
-            clipped, score = kernel.scores(tau.clone(), bounds, observe=observe)
+            clipped, score = torch_ops.scores(tau.clone(), bounds, observe=observe)
         finally:
-            fused.enabled = True
+            bindings.enabled = True
         top = torch.stack([tops[k] for k in sorted(tops)], dim=1).amax(dim=1)
         results[enabled] = clipped, score, top
     (c1, s1, t1), (c0, s0, t0) = results[True], results[False]
@@ -128,7 +136,7 @@ def test_loops_agree_with_the_torch_ops(n, d, scale):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, "mixed"])
 @pytest.mark.parametrize("n,d", [(1, 2048), (3, 300_001), (5, 70_001), (8, 4096)])
-def test_direct_path_is_the_stored_path_bit_for_bit(dtype, n, d):
+def test_streamed_path_is_the_stored_path_bit_for_bit(dtype, n, d):
     """Tau re-derived from the inputs in every pass gives the same clip bounds and the
     same merged tensor as the stored-tau kernel and step 11, and as the drop, combine and
     add steps that the evolutionary search runs on its cache."""
@@ -140,36 +148,36 @@ def test_direct_path_is_the_stored_path_bit_for_bit(dtype, n, d):
         for i in range(n)
     ]
     coefficients = torch.rand(n, generator=generator) + 0.5
-    assert direct.applies(base, experts, 1e-4)
-    source = direct.source(base, experts)
-    stats = direct.statistics(source, 1e-4)
+    assert paths.streams(base, experts, 1e-4)
+    source = streamed.source(base, experts)
+    stats = streamed.statistics(source, 1e-4)
     assert stats.finite and stats.changed
-    merged = direct.merge(source, stats.bounds, coefficients, 0.2, 0.7)
+    merged = streamed.merge(source, stats.bounds, coefficients, 0.2, 0.7)
 
-    tau = method.task_vectors(base, experts).tau
-    bounds = kernel.clip_bounds(tau.clone(), 1e-4)
+    tau = kernel.task_vectors(base, experts).tau
+    bounds = torch_ops.clip_bounds(tau.clone(), 1e-4)
     assert torch.equal(stats.bounds.low, bounds.low)
     assert torch.equal(stats.bounds.high, bounds.high)
-    stored = kernel.pcb_task_vector(
+    stored = torch_ops.pcb_task_vector(
         tau.clone(), coefficients, pcb_ratio=0.2, clamp_ratio=1e-4, bounds=bounds
     )
-    assert torch.equal(merged, kernel.add_scaled(base, stored, 0.7, base.dtype))
-    clipped, score = kernel.scores(tau.clone(), bounds)
-    searched = kernel.combine(clipped, kernel.drop_weights(score, 0.2), coefficients)
+    assert torch.equal(merged, torch_ops.add_scaled(base, stored, 0.7, base.dtype))
+    clipped, score = torch_ops.scores(tau.clone(), bounds)
+    searched = torch_ops.combine(clipped, torch_ops.drop_weights(score, 0.2), coefficients)
     # The search adds in float32 and casts when it writes the model.
-    assert torch.equal(merged, kernel.add_scaled(base, searched, 0.7).to(base.dtype))
+    assert torch.equal(merged, torch_ops.add_scaled(base, searched, 0.7).to(base.dtype))
 
 
-def test_direct_statistics_flag_unchanged_and_non_finite():
+def test_streamed_statistics_flag_unchanged_and_non_finite():
     base = torch.randn(4096).to(torch.bfloat16)
-    same = direct.statistics(direct.source(base, [base.clone(), base.clone()]), 1e-4)
+    same = streamed.statistics(streamed.source(base, [base.clone(), base.clone()]), 1e-4)
     assert (same.finite, same.changed, same.bounds) == (True, False, None)
     broken = base.clone()
     broken[1234] = float("nan")
-    bad = direct.statistics(direct.source(base, [base.clone(), broken]), 1e-4)
+    bad = streamed.statistics(streamed.source(base, [base.clone(), broken]), 1e-4)
     assert not bad.finite
     huge = torch.full((4096,), 3e38)
-    overflow = direct.statistics(direct.source(-huge, [huge]), 1e-4)
+    overflow = streamed.statistics(streamed.source(-huge, [huge]), 1e-4)
     assert not overflow.finite  # 3e38 - (-3e38) is inf in float32
 
 
@@ -193,17 +201,17 @@ def test_direct_statistics_flag_unchanged_and_non_finite():
         (
             "more models than exp2's range",
             torch.zeros(4096),
-            [torch.ones(4096)] * (fused.MAX_MODELS + 1),
+            [torch.ones(4096)] * (bindings.MAX_MODELS + 1),
             1e-4,
         ),
         ("not contiguous", torch.zeros(4096, 2)[:, 0], [torch.ones(4096, 2)[:, 0]], 1e-4),
     ],
 )
-def test_direct_path_declines(why, base, experts, clamp_ratio):
-    assert not direct.applies(base, experts, clamp_ratio), why
+def test_streamed_path_declines(why, base, experts, clamp_ratio):
+    assert not paths.streams(base, experts, clamp_ratio), why
 
 
-@pytest.mark.parametrize("n", [fused.MAX_MODELS, fused.MAX_MODELS + 1])
+@pytest.mark.parametrize("n", [bindings.MAX_MODELS, bindings.MAX_MODELS + 1])
 def test_many_models_match_the_reference(n):
     """Both sides of the loops' model limit (exp2's exponent range) through merge_tensors."""
     generator = torch.Generator().manual_seed(n)
@@ -214,15 +222,15 @@ def test_many_models_match_the_reference(n):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_direct_path_matches_the_reference(dtype):
-    """bf16/float32 inputs long enough for the direct path, products beyond the cubic."""
+def test_streamed_path_matches_the_reference(dtype):
+    """bf16/float32 inputs long enough for the streamed path, products beyond the cubic."""
     generator = torch.Generator().manual_seed(7)
     base = torch.randn(64, 96, generator=generator).to(dtype)
     experts = [
         (base.float() + s * torch.randn(64, 96, generator=generator)).to(dtype)
         for s in (0.02, 0.3, 1.5)
     ]
-    assert direct.applies(base, experts, 1e-4)
+    assert paths.streams(base, experts, 1e-4)
     parameters = {"pcb_ratio": 0.2, "weight": [0.5, 1.0, 2.0], "lambda": 0.8}
     out = merge_tensors([base, *experts], "pcb", base_index=0, parameters=parameters)
     expected = reference_merge(base, experts, weights=[0.5, 1.0, 2.0], pcb_ratio=0.2, lam=0.8)
@@ -232,7 +240,7 @@ def test_direct_path_matches_the_reference(dtype):
         torch.testing.assert_close(out.double(), expected, rtol=2**-8, atol=2**-8 * 1e-3)
 
 
-def test_torch_ops_still_match_the_reference(torch_ops):
+def test_torch_ops_still_match_the_reference(loops_off):
     """The torch ops (CUDA's path) stay checked on CPU with the loops switched off."""
     generator = torch.Generator().manual_seed(11)
     base = torch.randn(3000, generator=generator)
@@ -251,7 +259,7 @@ def test_window_counts_equal_a_bincount(values, low, width):
     """Counts below, at each pattern of, and above a window, as the torch path makes them."""
     high = min(low + width, 2**31 - 2)
     bits = torch.tensor(values, dtype=torch.int32)
-    got = fused.window_counts(bits, low, high)
+    got = bindings.window_counts(bits, low, high)
     array = np.array(values, dtype=np.int64)
     expected = np.zeros(high - low + 3, dtype=np.int64)
     expected[0] = (array < low).sum()
@@ -259,11 +267,11 @@ def test_window_counts_equal_a_bincount(values, low, width):
     inside = array[(array >= low) & (array <= high)]
     np.add.at(expected, inside - low + 1, 1)
     assert np.array_equal(got, expected)
-    fused.enabled = False  # radix's torch ops (CUDA's path) agree
+    bindings.enabled = False  # radix's torch ops (CUDA's path) agree
     try:
         assert np.array_equal(got, radix.window_counts(bits.view(torch.float32), (low, high)))
     finally:
-        fused.enabled = True
+        bindings.enabled = True
 
 
 def test_mergekit_does_not_import_numba():
@@ -278,7 +286,7 @@ def test_mergekit_does_not_import_numba():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_direct_scores_store_the_sample_that_feed_would():
+def test_streamed_scores_store_the_sample_that_feed_would():
     """The loops write the keep cut's sample while B is in cache; a wrong sample would
     only cost the full radix passes, so it is checked here against feed()'s."""
     generator = torch.Generator().manual_seed(5)
@@ -286,16 +294,16 @@ def test_direct_scores_store_the_sample_that_feed_would():
     base = torch.randn(d, generator=generator).to(torch.bfloat16)
     experts = [(base.float() + 0.01 * torch.randn(d, generator=generator)).bfloat16()]
     experts += [(base.float() + 0.02 * torch.randn(d, generator=generator)).bfloat16()] * 2
-    assert direct.applies(base, experts, 1e-4)
-    source = direct.source(base, experts)
-    bounds = direct.statistics(source, 1e-4).bounds
-    rows = (bounds.low, bounds.high, kernel.safe_span(bounds.low, bounds.high))
+    assert paths.streams(base, experts, 1e-4)
+    source = streamed.source(base, experts)
+    bounds = streamed.statistics(source, 1e-4).bounds
+    rows = (bounds.low, bounds.high, torch_ops.safe_span(bounds.low, bounds.high))
     score = torch.empty(n, d)
-    fed = selection.RowSelection(n, d, torch.float32, [kernel.cut_index(d, 0.2)])
+    fed = selection.RowSelection(n, d, torch.float32, [torch_ops.cut_index(d, 0.2)])
     fed_sample, stride = fed.sample_rows("cpu")
     written = torch.full_like(fed_sample, -1)  # its own memory, not the workspace's
-    for cols in kernel.column_chunks(n, d):
+    for cols in runtime.column_chunks(n, d):
         total = torch.empty(cols.stop - cols.start)
-        fused.scores_direct(source.loops, cols, score, rows, total, (written, stride))
+        bindings.scores_streamed(source.loops, cols, score, rows, total, (written, stride))
         fed.feed(cols, score[:, cols])
     assert torch.equal(written, fed_sample)

@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from conftest import last_error_line, load_tensors, run_tool, write
 
 from mergekit_pcb.cli import main as cli
-from mergekit_pcb.strict import ConfigError, validate_config
+from mergekit_pcb.config_check import ConfigError, validate_config
 
 
 def config_text(

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from test_evolve_support import family as toy_family
+from evolve_support import family as toy_family
 
 from mergekit_pcb.evolve.config import TaskSpec
 from mergekit_pcb.evolve.tasks import choice_scorer, lm_eval_scorer

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_evolve_support import family as toy_family
-from test_evolve_support import search_config, write_config
+from evolve_support import family as toy_family
+from evolve_support import search_config, write_config
 
 from mergekit_pcb.evolve.config import load_config
 from mergekit_pcb.evolve.search import RunOptions, run_search

@@ -9,8 +9,8 @@ import pytest
 import torch
 import yaml
 from conftest import check, run_tool
-from test_evolve_support import family as toy_family
-from test_evolve_support import search_config, write_config
+from evolve_support import family as toy_family
+from evolve_support import search_config, write_config
 
 from mergekit_pcb.evolve.config import EvolveConfigError, load_config
 from mergekit_pcb.evolve.search import RunOptions, run_search

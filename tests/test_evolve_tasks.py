@@ -7,11 +7,11 @@ import math
 
 import pytest
 import torch
+import toy
+from evolve_support import family as toy_family
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_evolve_support import family as toy_family
 
-from mergekit_pcb import toy
 from mergekit_pcb.evolve.config import TaskSpec
 from mergekit_pcb.evolve.objective import Objective
 from mergekit_pcb.evolve.tasks import choice_scorer, exact_match_scorer, loss_scorer

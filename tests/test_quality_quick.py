@@ -132,7 +132,7 @@ def test_bootstrap_interval_brackets_the_gap(quick):
 
 
 def test_toy_tasks_match_hand_worked_answers():
-    from mergekit_pcb import toy
+    import toy
 
     cases = {
         "reverse": ("12345", "54321"),
@@ -172,7 +172,8 @@ def test_greedy_answers_and_distillation_start_at_the_teacher():
     """The replayed answers are the model's own; the distillation term is zero at the start."""
     import copy
 
-    from mergekit_pcb import toy
+    import toy
+
     from mergekit_pcb.tiny import new_llama, tiny_llama_config
 
     torch.manual_seed(0)

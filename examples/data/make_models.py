@@ -3,14 +3,16 @@
     python examples/data/make_models.py examples/models
 
 A random base and two experts really fine-tuned from it on toy tasks (``max``,
-``cipher`` from mergekit_pcb.toy), with the character tokenizer saved alongside.
+``cipher`` from benchmarks/toy.py), with the character tokenizer saved alongside.
 """
 
 import copy
 import sys
 from pathlib import Path
 
-from mergekit_pcb import toy
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+import toy  # noqa: E402
+
 from mergekit_pcb.tiny import new_llama, save_model, tiny_llama_config
 
 out = Path(sys.argv[1] if len(sys.argv) > 1 else "examples/models")

@@ -19,12 +19,11 @@ from pathlib import Path
 
 import torch
 
+from mergekit_pcb import kernel
 from mergekit_pcb.evolve.layout import PlannedTensor
-from mergekit_pcb.kernel import cut_index, scores
-from mergekit_pcb.method import content_keys, task_vectors
+from mergekit_pcb.parameters import PCB_RATIO
 
 META = "cache.json"
-DEFAULT_RATIO = 0.1  # PCB's default, always scored as the baseline
 FORMAT = 3
 
 
@@ -134,9 +133,10 @@ def fingerprint(cfg, groups: list[int]) -> str:
 
 
 def searched_ratios(cfg) -> tuple[float, float]:
-    """The pcb_ratio interval any candidate can use: the searched range and the default."""
+    """The pcb_ratio interval any candidate can use: the searched range and the default
+    (always scored, as the baseline)."""
     low, high = cfg.search.range("pcb_ratio")
-    return min(low, DEFAULT_RATIO), max(high, DEFAULT_RATIO)
+    return min(low, PCB_RATIO.default), max(high, PCB_RATIO.default)
 
 
 def cut_table(score: torch.Tensor, ratios: tuple[float, float]) -> dict[str, torch.Tensor]:
@@ -148,7 +148,7 @@ def cut_table(score: torch.Tensor, ratios: tuple[float, float]) -> dict[str, tor
     the cuts of the highest and lowest ratio are kept (int(d (1 - r)) is monotone in r).
     """
     d = score.shape[1]
-    first, last = cut_index(d, ratios[1]), cut_index(d, ratios[0])
+    first, last = kernel.cut_index(d, ratios[1]), kernel.cut_index(d, ratios[0])
     last = min(last, d - 1)
     ranked = score.sort(dim=1).values
     return {
@@ -160,11 +160,11 @@ def cut_table(score: torch.Tensor, ratios: tuple[float, float]) -> dict[str, tor
 
 def prepare(base: torch.Tensor, experts: list[torch.Tensor], clamp_ratio: float):
     """Steps 1-8 exactly as ``PCBMerge.merge_group`` runs them (same functions, same floats)."""
-    vectors = task_vectors(base, experts)
+    vectors = kernel.task_vectors(base, experts)
     flat = vectors.base.to(vectors.tau.dtype, copy=True)  # cached in the compute dtype
     if not vectors.changed:
         return flat, None, None
-    clipped, score = scores(vectors.tau, clamp_ratio=clamp_ratio)
+    clipped, score = kernel.scores(vectors.tau, clamp_ratio=clamp_ratio)
     return flat, clipped, score
 
 
@@ -202,10 +202,10 @@ def build(
                     f"evolve: tensor '{p.name}' of model "
                     f"'{cfg.models[p.rows[j]]}' holds {bad} NaN/Inf value(s)"
                 )
-        # The method's canonical expert order (content first, see method.canonical_order):
-        # it does not depend on the searched weights, so one cached order serves all.
-        keys = content_keys(experts)
-        order = sorted(range(len(experts)), key=lambda j: keys[j])
+        # The kernel's canonical expert order by content only: it does not depend on the
+        # searched weights, so one cached order serves all (candidates break ties).
+        keys = kernel.content_keys(experts)
+        order = kernel.order_by(keys)
         experts = [experts[j] for j in order]
         base_flat, clipped, score = prepare(base, experts, p.clamp_ratio)
         arrays = {"base": base_flat}

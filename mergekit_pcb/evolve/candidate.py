@@ -12,10 +12,11 @@ from dataclasses import dataclass
 
 import torch
 
+from mergekit_pcb import kernel
 from mergekit_pcb.evolve.cache import CachedTensor, TensorCache
 from mergekit_pcb.evolve.config import EvolveConfig
 from mergekit_pcb.evolve.layout import Values
-from mergekit_pcb.kernel import add_scaled, combine, cut_index, drop_weights
+from mergekit_pcb.parameters import PCB_RATIO
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,7 @@ class Genome:
             u = min(1.0, max(0.0, float(u)))
             value = c.low + u * (c.high - c.low)
             if c.kind == "pcb_ratio":
-                ratios[c.index] = min(1.0, max(value, 1e-12))  # keep inside (0, 1]
+                ratios[c.index] = min(PCB_RATIO.high, max(value, 1e-12))  # inside (0, 1]
             elif c.kind == "lambda":
                 lam = value
             else:
@@ -90,20 +91,20 @@ def merged_tensor(tensor: CachedTensor, arrays: dict, values: Values) -> torch.T
         return base
     clipped, score = arrays["clipped"], arrays["score"]
     weights_of = [values.weights[r] for r in tensor.rows]
-    # Rows are in the method's content order; experts with identical content tie-break
+    # Rows are in the canonical content order; experts with identical content tie-break
     # by weight there, and their rows are identical, so only the coefficients move.
-    order = sorted(range(len(weights_of)), key=lambda j: (*tensor.keys[j], weights_of[j]))
+    order = kernel.order_by(tensor.keys, weights_of)
     coefficients = torch.tensor([weights_of[j] for j in order], dtype=clipped.dtype)
     ratio = values.pcb_ratio[tensor.group]
     threshold = top = None
     if "cuts" in arrays:
-        rank = cut_index(score.shape[1], ratio) - int(arrays["cut_first"][0])
+        rank = kernel.cut_index(score.shape[1], ratio) - int(arrays["cut_first"][0])
         if 0 <= rank < arrays["cuts"].shape[1]:
             threshold, top = arrays["cuts"][:, rank], arrays["top"]
     # Without a table entry drop_weights selects the cut itself: the same value.
-    weights = drop_weights(score, ratio, threshold=threshold, top=top)  # cache untouched
-    merged = combine(clipped, weights, coefficients)
-    return add_scaled(base, merged, values.lambda_)
+    weights = kernel.drop_weights(score, ratio, threshold=threshold, top=top)  # cache untouched
+    merged = kernel.combine(clipped, weights, coefficients)
+    return kernel.add_scaled(base, merged, values.lambda_)
 
 
 class ModelWriter:

@@ -8,24 +8,28 @@ and the import of ``python`` task targets.
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import importlib
 import json
-import math
 import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from mergekit_pcb.config_errors import (
+    ConfigError,
+    did_you_mean,
+    format_validation_error,
+    load_yaml,
+)
 from mergekit_pcb.evolve.data import DataError, read_jsonl
+from mergekit_pcb.parameters import CLAMP_RATIO, LAMBDA, PCB_RATIO, WEIGHT
 
 
-class EvolveConfigError(ValueError):
+class EvolveConfigError(ConfigError):
     """A configuration problem, worded for the person who wrote the YAML."""
 
 
@@ -38,42 +42,28 @@ class _Strict(BaseModel):
     @classmethod
     def _known_keys(cls, data: Any) -> Any:
         if isinstance(data, dict):
-            known = set()
-            for name, field in cls.model_fields.items():
-                known.add(field.alias or name)
+            known = sorted(field.alias or name for name, field in cls.model_fields.items())
             for key in data:
                 if key not in known and key not in cls.model_fields:
-                    close = difflib.get_close_matches(str(key), sorted(known), n=1)
-                    hint = f"; did you mean '{close[0]}'?" if close else ""
                     raise ValueError(
-                        f"unknown key '{key}'{hint} (allowed: {', '.join(sorted(known))})"
+                        f"unknown key '{key}'{did_you_mean(str(key), known)} "
+                        f"(allowed: {', '.join(known)})"
                     )
         return data
 
 
 # Checked by _range (not by type) so the error names the parameter and its domain.
 RangeOrFixed = Any
-
-
-class Domain:
-    """A parameter's allowed values, used to check both ends of a searched range."""
-
-    def __init__(self, text: str, check: Callable[[float], bool]):
-        self.text, self.check = text, check
-
-
-DOMAINS = {
-    "pcb_ratio": Domain("a number in (0, 1]", lambda x: 0 < x <= 1),
-    "lambda": Domain("a finite number", math.isfinite),
-    "weight": Domain("a finite number", math.isfinite),
-}
+SEARCHED = {p.name: p for p in (PCB_RATIO, LAMBDA, WEIGHT)}
 
 
 def _range(name: str, value: Any) -> tuple[float, float]:
     """(low, high); a fixed number gives low == high (the value is not searched)."""
-    domain = DOMAINS[name]
+    parameter = SEARCHED[name]
     if isinstance(value, bool):
-        raise ValueError(f"search.{name}: got {value!r}; allowed: {domain.text} or [low, high]")
+        raise ValueError(
+            f"search.{name}: got {value!r}; allowed: {parameter.domain} or [low, high]"
+        )
     if isinstance(value, (int, float)):
         low = high = float(value)
     elif (
@@ -84,12 +74,12 @@ def _range(name: str, value: Any) -> tuple[float, float]:
         low, high = float(value[0]), float(value[1])
     else:
         raise ValueError(
-            f"search.{name}: got {value!r}; allowed: one number ({domain.text}) "
+            f"search.{name}: got {value!r}; allowed: one number ({parameter.domain}) "
             "or a range [low, high]"
         )
     for end, x in (("low", low), ("high", high)):
-        if not domain.check(x):
-            raise ValueError(f"search.{name}: {end} end {x!r} is outside {domain.text}")
+        if not parameter.contains(x):
+            raise ValueError(f"search.{name}: {end} end {x!r} is outside {parameter.domain}")
     if low > high:
         raise ValueError(f"search.{name}: range [{low}, {high}] has low > high")
     return low, high
@@ -115,7 +105,12 @@ class SearchSpace(_Strict):
 class FixedParameters(_Strict):
     """PCB parameters that are not searched; ``clamp_ratio`` shapes the cached scores."""
 
-    clamp_ratio: float = Field(default=1e-4, ge=0.0, lt=0.5)
+    clamp_ratio: float = CLAMP_RATIO.default
+
+    @field_validator("clamp_ratio", mode="before")
+    @classmethod
+    def _clamp_ratio(cls, value: Any) -> float:
+        return CLAMP_RATIO.check(value)
 
 
 TaskType = Literal["loss", "exact_match", "choice", "lm_eval", "python"]
@@ -245,15 +240,6 @@ class EvolveConfig(_Strict):
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _format(err: ValidationError) -> str:
-    lines = []
-    for e in err.errors():
-        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        msg = e["msg"].removeprefix("Value error, ")
-        lines.append(f"  {where}: {msg}")
-    return "\n".join(lines)
-
-
 def _resolve(path: str, root: Path) -> str:
     """Local paths are relative to the config file; hub ids pass through unchanged."""
     candidate = Path(os.path.expanduser(path))
@@ -283,28 +269,19 @@ def import_target(target: str, root: Path | None = None) -> Callable:
     return fn
 
 
-REQUIRED_FIELDS = {
-    "loss": ("text",),
-    "exact_match": ("prompt", "answer"),
-    "choice": ("prompt", "choices", "label"),
-}
-
-
 def load_config(path: os.PathLike, *, check_data: bool = True) -> EvolveConfig:
     """Parse, validate and resolve paths; every error is an :class:`EvolveConfigError`."""
     path = Path(path)
     if not path.is_file():
         raise EvolveConfigError(f"search config '{path}' does not exist")
     try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise EvolveConfigError(f"{path}: not valid YAML: {exc}") from exc
-    if not isinstance(raw, dict):
-        raise EvolveConfigError(f"{path}: expected a mapping at the top level")
+        raw = load_yaml(path.read_text(), str(path))
+    except ConfigError as exc:
+        raise EvolveConfigError(str(exc)) from None
     try:
         cfg = EvolveConfig.model_validate(raw)
     except ValidationError as exc:
-        raise EvolveConfigError(f"{path}: invalid search config:\n{_format(exc)}") from None
+        raise EvolveConfigError(f"{path}: {format_validation_error(exc)}") from None
     root = path.resolve().parent
     tasks = []
     for task in cfg.evaluation.tasks:
@@ -338,7 +315,7 @@ def load_config(path: os.PathLike, *, check_data: bool = True) -> EvolveConfig:
 
 def check_task(task: TaskSpec, root: Path) -> None:
     """Reads every data line once, so a malformed line fails now, with file and line."""
-    if task.type in REQUIRED_FIELDS:
+    if task.type in NEEDS_DATA:
         for key in ("data", "test_data"):
             if getattr(task, key):
                 try:

@@ -22,7 +22,9 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from mergekit_pcb import mergekit_internals
 from mergekit_pcb.evolve.config import EvolveConfig, EvolveConfigError
+from mergekit_pcb.parameters import LAMBDA, PCB_RATIO, WEIGHT
 
 
 @dataclass(frozen=True)
@@ -50,8 +52,10 @@ class Values:
 
 
 def default_values(cfg: EvolveConfig, groups: int) -> Values:
-    """PCB's own defaults (pcb_ratio 0.1, lambda 1) with every weight 1: the baseline."""
-    return Values((0.1,) * groups, 1.0, (1.0,) * len(cfg.models))
+    """PCB's own defaults for every value: the baseline the search must beat."""
+    return Values(
+        (PCB_RATIO.default,) * groups, LAMBDA.default, (WEIGHT.default,) * len(cfg.models)
+    )
 
 
 @dataclass(frozen=True)
@@ -170,19 +174,18 @@ def plan(cfg: EvolveConfig, merge_dict: dict) -> list[PlannedTensor]:
     from mergekit.options import MergeOptions
     from mergekit.plan import MergePlanner
 
-    from mergekit_pcb._autoload import register
+    import mergekit_pcb
 
-    register()
+    mergekit_pcb.register()
     options = MergeOptions(trust_remote_code=cfg.trust_remote_code)
     LoaderCache().setup(options)
     merge = MergeConfiguration.model_validate(merge_dict)
     arch = get_architecture_info(merge, options)
     out_cfg = ModelReference.parse(cfg.base_model).config(trust_remote_code=cfg.trust_remote_code)
     planner = MergePlanner(merge, arch, options=options, out_model_config=out_cfg)
-    planner._plan()  # noqa: SLF001 - the planned tasks are what we must reproduce
     index = {ModelReference.parse(m): i for i, m in enumerate(cfg.models)}
     planned = []
-    for weight, task in planner._tensors:  # noqa: SLF001
+    for weight, task in mergekit_internals.planned_tensors(planner):
         experts = [m for m in task.model_order if m != task.base_model]
         rows = tuple(index[m] for m in experts)
         params = task.parameters

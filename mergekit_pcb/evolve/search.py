@@ -299,9 +299,9 @@ def write_model(best_yml: Path, model_dir: Path, cfg: EvolveConfig) -> None:
     from mergekit.merge import run_merge
     from mergekit.options import MergeOptions
 
-    from mergekit_pcb._autoload import register
+    import mergekit_pcb
 
-    register()
+    mergekit_pcb.register()
     merge = MergeConfiguration.model_validate(yaml.safe_load(best_yml.read_text()))
     run_merge(
         merge,

@@ -173,7 +173,7 @@ def _output(base, base_shift, first, w, merged, scale, out, to_bf16, scratch):
 
 
 @njit(nogil=True, cache=True, boundscheck=False)
-def add_scaled(base, base_shift, merged, scale, start, stop, out, to_bf16):  # noqa: PLR0913
+def add_scaled(base, base_shift, merged, scale, start, stop, out, to_bf16):
     """Step 11 on columns [start, stop) of a stored m (see _output)."""
     scratch = np.empty((2, _BLOCK), np.int32)
     for first in range(start, stop, _BLOCK):
@@ -182,7 +182,7 @@ def add_scaled(base, base_shift, merged, scale, start, stop, out, to_bf16):  # n
 
 
 @njit(nogil=True, cache=True, boundscheck=False)
-def finish_output(numerator, denominator, base, base_shift, start, stop, scale, out, to_bf16):  # noqa: PLR0913
+def finish_output(numerator, denominator, base, base_shift, start, stop, scale, out, to_bf16):
     """Steps 10 (the quotient, as finish) and 11 (as add_scaled) on columns [start, stop),
     the sums indexed from start: m is never stored."""
     scratch = np.empty((2, _BLOCK), np.int32)
@@ -198,24 +198,21 @@ def finish_output(numerator, denominator, base, base_shift, start, stop, scale, 
 
 
 @njit(nogil=True, cache=True, boundscheck=False)
-def scores(tau, score, start, stop, total, low, high, span, scale, top_keys):  # noqa: PLR0913
+def scores(tau, score, start, stop, low, high, span, scale, top_keys):
     """Steps 3-8 on columns [start, stop) of a stored n x d ``tau`` (T~ written over it,
-    B into ``score``); ``total``: the column sums (empty: the chunk's own, rows added
-    in order); ``top_keys``: each row's max B so far (see _score_row)."""
+    B into ``score``), the column sums of tau added in row order; ``top_keys``: each
+    row's max B so far (see _score_row)."""
     n = tau.shape[0]
     column_total = np.empty(_BLOCK, np.float32)
     work = np.empty((3, _BLOCK), np.float32)
     for first in range(start, stop, _BLOCK):
         last = min(first + _BLOCK, stop)
         w = last - first
-        if total.shape[0]:
-            column_total[:w] = total[first:last]
-        else:
-            column_total[:w] = tau[0, first:last]
-            for i in range(1, n):
-                row = tau[i, first:last]
-                for j in range(w):
-                    column_total[j] += row[j]
+        column_total[:w] = tau[0, first:last]
+        for i in range(1, n):
+            row = tau[i, first:last]
+            for j in range(w):
+                column_total[j] += row[j]
         for i in range(n):
             top_keys[i] = _score_row(
                 tau[i, first:last],
@@ -233,7 +230,7 @@ def scores(tau, score, start, stop, total, low, high, span, scale, top_keys):  #
 
 
 @njit(nogil=True, cache=True, boundscheck=False)
-def combine(clipped, source, from_scores, start, stop, threshold, span, coefficients, out):  # noqa: PLR0913
+def combine(clipped, source, from_scores, start, stop, threshold, span, coefficients, out):
     """Steps 9-10 on columns [start, stop) of stored T~ and B (``from_scores``) or W."""
     numerator = np.empty(_BLOCK, np.float32)
     denominator = np.empty(_BLOCK, np.float32)
@@ -317,7 +314,7 @@ def total_row(source, start, stop, total, first_row):
 
 
 @njit(nogil=True, cache=True, boundscheck=False)
-def score_row(source, start, stop, total, low, high, span, scale, out, key, sample, stride):  # noqa: PLR0913
+def score_row(source, start, stop, total, low, high, span, scale, out, key, sample, stride):
     """One model's B on [start, stop) from its input (``total`` from total_row) into
     ``out`` (its row of scores); returns ``key`` raised to its max (see _score_row).
     With a ``stride``, the top 16 bits (as 0..65535, integer order) of B at every
@@ -353,7 +350,7 @@ def score_row(source, start, stop, total, low, high, span, scale, out, key, samp
 @njit(nogil=True, cache=True, boundscheck=False)
 def combine_row(
     source, start, stop, low, high, score, threshold, span, coefficient, numerator, denominator
-):  # noqa: PLR0913
+):
     """Adds one model's share of step 10's sums on [start, stop) (indexed from start),
     T~ made from its input, W from its row of B."""
     row = np.empty(_BLOCK, np.float32)

@@ -1,19 +1,14 @@
-"""The per-tensor merge read straight from its inputs: tau and T~ are never stored.
+"""Steps 1-11 of one tensor read straight from its inputs: tau and T~ are never stored.
 
-Why: with the steps compiled (:mod:`mergekit_pcb.loops`) the merge is bound by
-memory traffic, and most of it was tau: written as an n x d float32 matrix, read
-back for the scores, written again as T~ and read for the weighted sum. Deriving
-tau from the inputs in each of the three passes instead (bf16 inputs are half its
-bytes per model) moves ~40% fewer bytes. The clip bounds, B, the cut and the
-merged vector are the same floats as :func:`mergekit_pcb.kernel.pcb_task_vector`
-makes from a stored tau (same blocks, same order of additions), so the paths that
-store tau (the evolutionary search, the model scope) agree with it bit for bit.
-
-Taken for ``pcb_scope: tensor`` on CPU when the inputs are contiguous bf16 or
-float32 (the experts of one dtype), at most :data:`fused.MAX_MODELS` models, and
-both clip ranks are found from block extremes (tensors of 1024+ elements with the
-default clamp_ratio); everything else runs :mod:`mergekit_pcb.method`'s stored-tau
-path.
+Why: with the steps compiled (:mod:`.loops`) the merge is bound by memory traffic,
+and most of it was tau: written as an n x d float32 matrix, read back for the
+scores, written again as T~ and read for the weighted sum. Deriving tau from the
+inputs in each of three passes instead (bf16 inputs are half its bytes per model)
+moves far fewer bytes. The clip bounds, B, the cut and the merged vector are the
+same floats as :func:`.torch_ops.pcb_task_vector` makes from a stored tau (same
+blocks, same order of additions), so the paths that store tau (the search, the
+whole-model scope) agree with this one bit for bit. Where it applies:
+:func:`mergekit_pcb.kernel.paths.streams`.
 """
 
 from __future__ import annotations
@@ -23,11 +18,11 @@ from typing import NamedTuple
 
 import torch
 
-from mergekit_pcb import fused, parallel, selection, workspace
-from mergekit_pcb.kernel import (
+from mergekit_pcb.kernel import bindings, runtime, selection
+from mergekit_pcb.kernel.runtime import BLOCK, Role, column_chunks
+from mergekit_pcb.kernel.torch_ops import (
     ClipBounds,
     clip_bounds_from,
-    column_chunks,
     cut_index,
     quantile_indices,
     safe_span,
@@ -42,7 +37,7 @@ class Source(NamedTuple):
 
     base: torch.Tensor
     experts: list[torch.Tensor]
-    loops: fused.Inputs
+    loops: bindings.Inputs
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -55,20 +50,10 @@ class Statistics(NamedTuple):
     bounds: ClipBounds | None  # only when finite and changed
 
 
-def applies(base: torch.Tensor, experts: Sequence[torch.Tensor], clamp_ratio: float) -> bool:
-    """Whether this path takes the tensor (see the module); model order does not matter."""
-    d = base.numel()
-    return (
-        len(experts) <= fused.MAX_MODELS
-        and all(selection.is_extreme(k, d) for k in quantile_indices(d, clamp_ratio))
-        and fused.accepts([base, *experts])
-    )
-
-
 def source(base: torch.Tensor, experts: Sequence[torch.Tensor]) -> Source:
-    """The inputs in this path's form, where :func:`applies`."""
+    """The inputs in this path's form, where :func:`mergekit_pcb.kernel.paths.streams`."""
     flat = [e.reshape(-1) for e in experts]
-    return Source(base.reshape(-1), flat, fused.inputs(base, experts))
+    return Source(base.reshape(-1), flat, bindings.inputs(base, experts))
 
 
 def _magnitudes(inputs: Source, row: int, columns: torch.Tensor) -> torch.Tensor:
@@ -80,15 +65,15 @@ def _magnitudes(inputs: Source, row: int, columns: torch.Tensor) -> torch.Tensor
 def statistics(inputs: Source, clamp_ratio: float) -> Statistics:
     """One read of the inputs: finiteness, whether anything changed, the clip bounds."""
     n, d = inputs.shape
-    blocks = -(-d // selection.BLOCK)
+    blocks = -(-d // BLOCK)
     minima, maxima = torch.empty(n, blocks), torch.empty(n, blocks)
 
     def chunk(cols: slice) -> int:
         return max(
-            fused.statistics_row(inputs.loops, i, cols, minima[i], maxima[i]) for i in range(n)
+            bindings.statistics_row(inputs.loops, i, cols, minima[i], maxima[i]) for i in range(n)
         )
 
-    largest = max(parallel.map_chunks(chunk, column_chunks(n, d), "cpu"))
+    largest = max(runtime.map_chunks(chunk, column_chunks(n, d), "cpu"))
     finite, changed = largest < _INFINITY_BITS, largest > 0
     if not (finite and changed):
         return Statistics(finite, changed, None)
@@ -106,7 +91,7 @@ def merge(
     once more, one pass makes the output; m is never stored."""
     n, d = inputs.shape
     columns = column_chunks(n, d)
-    score = workspace.buffer("scores", n * d, torch.float32, "cpu").view(n, d)
+    score = runtime.buffer(Role.SCORES, n * d, torch.float32, "cpu").view(n, d)
     cut = selection.RowSelection(n, d, torch.float32, [cut_index(d, pcb_ratio)])
     clip = (bounds.low.contiguous(), bounds.high.contiguous())
     rows = (*clip, safe_span(*clip))
@@ -115,12 +100,12 @@ def merge(
     sample = cut.sample_rows("cpu")  # the loops write it; else each chunk is fed
 
     def scores(cols: slice) -> None:
-        total = workspace.buffer("direct total", cols.stop - cols.start, torch.float32, "cpu")
-        tops[cols.start] = fused.scores_direct(inputs.loops, cols, score, rows, total, sample)
+        total = runtime.buffer(Role.STREAMED_TOTAL, cols.stop - cols.start, torch.float32, "cpu")
+        tops[cols.start] = bindings.scores_streamed(inputs.loops, cols, score, rows, total, sample)
         if sample is None:
             cut.feed(cols, score[:, cols])
 
-    parallel.map_chunks(scores, columns, "cpu")
+    runtime.map_chunks(scores, columns, "cpu")
     threshold = cut.finish(
         columns, lambda cols: score[:, cols], lambda i, c: score[i].index_select(0, c), "cpu"
     )[:, 0].contiguous()
@@ -132,10 +117,13 @@ def merge(
 
     def combine(cols: slice) -> None:
         w = cols.stop - cols.start
-        sums = tuple(workspace.buffer(f"direct {r}", w, torch.float32, "cpu") for r in "nd")
-        fused.combine_direct(
+        sums = tuple(
+            runtime.buffer(role, w, torch.float32, "cpu")
+            for role in (Role.STREAMED_NUMERATOR, Role.STREAMED_DENOMINATOR)
+        )
+        bindings.combine_streamed(
             inputs.loops, cols, score, clip, threshold, span, coefficients, output, sums
         )
 
-    parallel.map_chunks(combine, columns, "cpu")
+    runtime.map_chunks(combine, columns, "cpu")
     return merged

@@ -10,14 +10,12 @@ before any model is opened, and every failure prints as one line, not a tracebac
 from __future__ import annotations
 
 import logging
-import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import click
 from mergekit.options import MergeOptions, PrettyPrintHelp, add_merge_options
 
-from mergekit_pcb.strict import ConfigError, validate_config
+from mergekit_pcb.config_check import ConfigError, validate_config
+from mergekit_pcb.mergekit_internals import local_folders_stay_local
 
 LOG = logging.getLogger(__name__)
 
@@ -25,29 +23,6 @@ LOG = logging.getLogger(__name__)
 def _one_line(error: BaseException) -> str:
     text = " ".join(str(error).split()) or repr(error)
     return f"{type(error).__name__}: {text}"
-
-
-@contextmanager
-def _local_folders_stay_local() -> Iterator[None]:
-    """Model card: an existing local folder is local, without asking the Hub.
-
-    mergekit 0.1.5 (``card.is_hf``) asks the Hugging Face Hub about every existing
-    folder written as a bare name (``base``); offline that raises after the weights
-    are written, leaving a model without its card. The folder is what mergekit
-    loaded, so the card should call it local anyway.
-    """
-    from mergekit import card
-
-    hub_check = card.is_hf
-
-    def is_hf(path: str) -> bool:
-        return False if os.path.exists(path) else hub_check(path)
-
-    card.is_hf = is_hf
-    try:
-        yield
-    finally:
-        card.is_hf = hub_check
 
 
 @click.command("merge", cls=PrettyPrintHelp)
@@ -67,9 +42,9 @@ def merge(merge_options: MergeOptions, config_file: str, out_path: str) -> None:
     from mergekit.merge import run_merge
 
     try:
-        with _local_folders_stay_local():
+        with local_folders_stay_local():
             run_merge(config, out_path, options=merge_options, config_source=config_source)
-    except Exception as error:  # noqa: BLE001 - every failure becomes one clear line
+    except Exception as error:  # every failure becomes one clear line
         LOG.debug("merge failed", exc_info=True)  # the traceback, with -vv
         raise click.ClickException(_one_line(error)) from None
     click.echo(f"merged model written to {out_path}")

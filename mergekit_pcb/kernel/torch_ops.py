@@ -25,9 +25,9 @@ from typing import NamedTuple
 
 import torch
 
-from mergekit_pcb import fused, parallel, selection, workspace
+from mergekit_pcb.kernel import bindings, runtime, selection
+from mergekit_pcb.kernel.runtime import Role, column_chunks
 
-CHUNK_ELEMENTS = 1 << 19
 # exp(2x) - 1 is exactly representable as inf from here on; tanh(x) is 1.0 in float32
 # and float64 long before it (tanh(20) = 1 - 8e-18).
 _TANH_SATURATION = 20.0
@@ -41,11 +41,6 @@ _TANH_POLY = (-17 / 315, 2 / 15, -1 / 3)  # coefficients of x^7, x^5, x^3
 _LOG2_E = 1.4426950408889634
 
 
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 stays float64; every other storage dtype is computed in float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def quantile_indices(d: int, clamp_ratio: float) -> tuple[int, int]:
     """0-based ranks of the clip bounds, with the reference code's exact truncation."""
     return int(d * clamp_ratio), int(d * (1 - clamp_ratio) - 1)
@@ -54,11 +49,6 @@ def quantile_indices(d: int, clamp_ratio: float) -> tuple[int, int]:
 def cut_index(d: int, pcb_ratio: float) -> int:
     """0-based rank of the drop threshold: entries at or below it are dropped."""
     return int(d * (1 - pcb_ratio))
-
-
-def column_chunks(n: int, d: int) -> list[slice]:
-    """Column ranges of about CHUNK_ELEMENTS elements, starting at multiples of BLOCK."""
-    return selection.column_chunks(d, CHUNK_ELEMENTS // max(n, 1))
 
 
 def order_statistics(x: torch.Tensor, ks: Sequence[int]) -> torch.Tensor:
@@ -151,13 +141,13 @@ def _cubic_factor(square: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
 def _each_chunk(like: torch.Tensor, step: Callable[[slice], object]) -> list:
     """``step(columns)`` for every column chunk of ``like`` (in threads on CPU)."""
     n, d = like.shape
-    return parallel.map_chunks(step, column_chunks(n, d), like.device)
+    return runtime.map_chunks(step, column_chunks(n, d), like.device)
 
 
-def _buffer(role: str, n: int, cols: slice, like: torch.Tensor) -> torch.Tensor:
+def _buffer(role: Role, n: int, cols: slice, like: torch.Tensor) -> torch.Tensor:
     """A contiguous n x w scratch for one chunk of ``like``, reused per thread and role."""
     w = cols.stop - cols.start
-    return workspace.buffer(role, n * w, like.dtype, like.device).view(n, w)
+    return runtime.buffer(role, n * w, like.dtype, like.device).view(n, w)
 
 
 def _column_sum(rows: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -172,7 +162,7 @@ def _column_sum(rows: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
 
 def _magnitude(chunk: torch.Tensor, cols: slice) -> torch.Tensor:
     """|chunk| (the chunk ``tau[:, cols]``) in this thread's reusable |tau| buffer."""
-    return torch.abs(chunk, out=_buffer("kernel |tau|", len(chunk), cols, chunk))
+    return torch.abs(chunk, out=_buffer(Role.MAGNITUDE, len(chunk), cols, chunk))
 
 
 class ClipSelection:
@@ -214,8 +204,6 @@ def scores(
     bounds: ClipBounds | None = None,
     *,
     clamp_ratio: float = 0.0,
-    total: torch.Tensor | None = None,
-    n_models: int | None = None,
     out: torch.Tensor | None = None,
     observe: Callable[[slice, torch.Tensor, torch.Tensor], None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -223,9 +211,8 @@ def scores(
 
     Consumes ``tau`` (T~ is written over it); B goes to ``out`` when given, and
     ``observe(columns, B_chunk, row_maxima)`` sees each chunk of B while it is in cache.
-    ``bounds``, ``total`` (the column sum of the raw tau) and ``n_models`` default
-    to this tensor's own; the whole-model scope passes the bounds gathered over
-    all tensors.
+    ``bounds`` default to this tensor's own (from ``clamp_ratio``); the whole-model
+    scope passes the bounds gathered over all tensors.
 
     Intra-balancing is computed as exp(n * (x^2 - 1)) = exp(n * x^2) / e^n: a
     per-row constant factor that the later min-max rescale cancels exactly, and
@@ -233,37 +220,32 @@ def scores(
     evaluated as 2^(c x^2 - c) with c = n log2(e), since exp2 is the faster kernel.
     """
     n, d = tau.shape
-    n_models = n if n_models is None else n_models
     score = torch.empty_like(tau) if out is None else out
     if bounds is None:
         bounds = clip_bounds(tau, clamp_ratio)
     low, high = _column(bounds.low, tau), _column(bounds.high, tau)
     span = safe_span(low, high)
-    if n_models <= fused.MAX_MODELS and fused.serves(tau, score):
+    if n <= bindings.MAX_MODELS and bindings.serves(tau, score):
         rows = _rows(low, high, span)
-        total_ = None if total is None else total.to(tau.dtype).contiguous()
 
         def compiled(cols: slice) -> None:
-            top = fused.score_chunk(tau, score, cols, total_, rows, n_models)
+            top = bindings.score_chunk(tau, score, cols, rows)
             if observe is not None:
                 observe(cols, score[:, cols], top)
 
         _each_chunk(tau, compiled)
         return tau, score
     # exp(n (x^2 - 1)) as 2^(c x^2 - c), c = n log2(e): exp2 is 2-3x cheaper than exp here.
-    exponent_scale = n_models * _LOG2_E
+    exponent_scale = n * _LOG2_E
     exponent_offset = torch.tensor(-exponent_scale, dtype=tau.dtype, device=tau.device)
 
     def chunk(cols: slice) -> None:
         t, s = tau[:, cols], score[:, cols]
-        if total is None:
-            column_total = _column_sum(t, _buffer("kernel total", 1, cols, tau)[0])
-        else:
-            column_total = total[cols]
+        column_total = _column_sum(t, _buffer(Role.COLUMN_TOTAL, 1, cols, tau)[0])
         c = torch.mul(t, column_total, out=s)
         # |tau|'s buffer is free until _magnitude fills it: tanh's square goes there, which
         # keeps the chunk's working set at three n x w matrices (cache-bound).
-        _tanh_(c, _buffer("kernel |tau|", n, cols, tau), _buffer("kernel poly", n, cols, tau))
+        _tanh_(c, _buffer(Role.MAGNITUDE, n, cols, tau), _buffer(Role.POLYNOMIAL, n, cols, tau))
         a = _magnitude(t, cols)
         a.clamp_(min=low).clamp_(max=high)  # A (one clamp with both tensor bounds: 9x slower)
         t.sign_().mul_(a)  # T~ = sign(tau) * A
@@ -297,10 +279,10 @@ def _mix(
     matrix less in cache).
     """
     n, w = clipped.shape
-    denominator = _buffer("kernel denominator", 1, slice(0, w), clipped)[0]
+    denominator = _buffer(Role.DENOMINATOR, 1, slice(0, w), clipped)[0]
     _column_sum(weights, denominator).clamp_(min=1e-12)
     if scratch is None:
-        scratch = _buffer("kernel mix", n, slice(0, w), clipped)
+        scratch = _buffer(Role.PRODUCTS, n, slice(0, w), clipped)
     product = torch.mul(clipped, weights, out=scratch)
     torch.mv(product.T, coefficients, out=out).div_(denominator)
 
@@ -325,34 +307,26 @@ def drop_weights(
     t, m = _column(threshold, score), _column(top, score)
     span = safe_span(t, m)
     weights = torch.empty_like(score) if out is None else out
-    if fused.serves(score, weights):
+    if bindings.serves(score, weights):
         rows = _rows(t, span)
-        _each_chunk(score, lambda cols: fused.drop_chunk(score, cols, *rows, weights))
+        _each_chunk(score, lambda cols: bindings.drop_chunk(score, cols, *rows, weights))
     else:
         _each_chunk(score, lambda cols: _weights(score[:, cols], t, span, weights[:, cols]))
     return weights
 
 
 def combine(
-    clipped: torch.Tensor,
-    weights: torch.Tensor,
-    coefficients: torch.Tensor,
-    *,
-    consume: bool = False,
+    clipped: torch.Tensor, weights: torch.Tensor, coefficients: torch.Tensor
 ) -> torch.Tensor:
-    """Step 10: m = sum_i lambda_i W_i T~_i / max(sum_i W_i, 1e-12), per position.
-
-    ``consume`` is accepted for callers that no longer need ``clipped``; the
-    result is the same either way.
-    """
+    """Step 10: m = sum_i lambda_i W_i T~_i / max(sum_i W_i, 1e-12), per position."""
     d = clipped.shape[1]
     coefficients = coefficients.to(device=clipped.device, dtype=clipped.dtype)
     merged = torch.empty(d, dtype=clipped.dtype, device=clipped.device)
-    if fused.serves(clipped, weights, coefficients):
+    if bindings.serves(clipped, weights, coefficients):
         unused = torch.empty(len(clipped), dtype=clipped.dtype)
         _each_chunk(
             clipped,
-            lambda cols: fused.combine_chunk(
+            lambda cols: bindings.combine_chunk(
                 clipped, weights, False, cols, unused, unused, coefficients, merged
             ),
         )
@@ -381,7 +355,7 @@ def pcb_task_vector(
     scores() has it in cache, and W is made per chunk in cache, never stored.
     """
     n, d = tau.shape
-    score = workspace.buffer("scores", n * d, tau.dtype, tau.device).view(n, d)
+    score = runtime.buffer(Role.SCORES, n * d, tau.dtype, tau.device).view(n, d)
     cut = selection.RowSelection(n, d, tau.dtype, [cut_index(d, pcb_ratio)])
     tops: dict[int, torch.Tensor] = {}
 
@@ -403,14 +377,14 @@ def pcb_task_vector(
     merged = torch.empty(d, dtype=tau.dtype, device=tau.device)
 
     def finish(cols: slice) -> None:
-        weights = _weights(score[:, cols], t, span, _buffer("kernel W", n, cols, tau))
+        weights = _weights(score[:, cols], t, span, _buffer(Role.WEIGHTS, n, cols, tau))
         _mix(clipped[:, cols], weights, coefficients, merged[cols], scratch=weights)
 
-    if fused.serves(clipped, score, coefficients):
+    if bindings.serves(clipped, score, coefficients):
         rows = _rows(t, span)
         _each_chunk(
             tau,
-            lambda cols: fused.combine_chunk(
+            lambda cols: bindings.combine_chunk(
                 clipped, score, True, cols, *rows, coefficients, merged
             ),
         )
@@ -429,9 +403,9 @@ def add_scaled(
     """
     d = merged.numel()
     out = torch.empty(d, dtype=dtype or merged.dtype, device=merged.device)
-    if fused.serves(merged) and fused.output_serves(base, out.dtype):
-        parallel.map_chunks(
-            lambda cols: fused.add_scaled_chunk(base, merged, scale, cols, out),
+    if bindings.serves(merged) and bindings.output_serves(base, out.dtype):
+        runtime.map_chunks(
+            lambda cols: bindings.add_scaled_chunk(base, merged, scale, cols, out),
             column_chunks(1, d),
             merged.device,
         )
@@ -441,8 +415,8 @@ def add_scaled(
         if out.dtype == merged.dtype:
             torch.add(base[cols], merged[cols], alpha=scale, out=out[cols])
         else:
-            work = _buffer("kernel output", 1, cols, merged)[0]
+            work = _buffer(Role.OUTPUT, 1, cols, merged)[0]
             out[cols].copy_(torch.add(base[cols], merged[cols], alpha=scale, out=work))
 
-    parallel.map_chunks(chunk, column_chunks(1, d), merged.device)
+    runtime.map_chunks(chunk, column_chunks(1, d), merged.device)
     return out

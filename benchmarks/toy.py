@@ -9,10 +9,9 @@ All tasks share one alphabet (the digits) and one format, ``<s>T:INPUT=ANSWER</s
 where ``T`` is a one-letter task tag; that keeps task vectors about the task and
 not about new tokens or formats.
 
-Stable API: :data:`TASKS`, :func:`make_examples`, :func:`make_mixture`,
-:func:`encode`, :func:`train`, :func:`train_lora`, :func:`correct`, :func:`exact_match`,
-:func:`per_task_accuracy`, :func:`greedy_answers`, :func:`to_jsonl`, :func:`from_jsonl`,
-:func:`toy_tokenizer`.
+Benchmark and test code, not part of the installed package: the quality
+benchmark, the search's tests and ``examples/data/make_models.py`` import it from
+this folder (``train_lora`` needs ``peft``, which only the benchmark uses).
 """
 
 from __future__ import annotations

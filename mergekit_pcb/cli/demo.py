@@ -15,6 +15,9 @@ from typing import NamedTuple
 import click
 import torch
 
+from mergekit_pcb.kernel import drop_weights, scores
+from mergekit_pcb.parameters import CLAMP_RATIO, LAMBDA, PCB_RATIO, Parameter
+
 DEFAULT_EXPERTS = 3
 
 
@@ -40,7 +43,7 @@ def demo_config(base: Path, experts: list[Path], pcb_ratio: float, clamp_ratio: 
         "parameters:",
         f"  pcb_ratio: {pcb_ratio}",
         f"  clamp_ratio: {clamp_ratio}",
-        "  lambda: 1.0",
+        f"  lambda: {LAMBDA.default}",
         "dtype: float32",
     ]
     return "\n".join(lines) + "\n"
@@ -55,7 +58,6 @@ def summarize(
     clamp_ratio: float,
 ) -> list[TensorSummary]:
     """Recompute PCB's drop weights W per tensor (steps 2-9) to count what each model kept."""
-    from mergekit_pcb.kernel import drop_weights, scores
 
     rows = []
     for name in sorted(merged):
@@ -106,7 +108,7 @@ def run_demo(
     from safetensors.torch import load_file
     from transformers.utils import logging as hf_logging
 
-    from mergekit_pcb.strict import validate_config
+    from mergekit_pcb.config_check import validate_config
     from mergekit_pcb.tiny import build_family
 
     hf_logging.disable_progress_bar()  # save_pretrained's per-model bars drown the summary
@@ -137,6 +139,22 @@ def run_demo(
     )
 
 
+def _option(parameter: Parameter):
+    """A click option for a numeric pcb parameter, its default and domain from parameters."""
+    return click.option(
+        "--" + parameter.name.replace("_", "-"),
+        type=click.FloatRange(
+            parameter.low,
+            parameter.high,
+            min_open=parameter.low_open,
+            max_open=parameter.high_open,
+        ),
+        default=parameter.default,
+        show_default=True,
+        help=parameter.description[0].upper() + parameter.description[1:] + ".",
+    )
+
+
 @click.command("demo")
 @click.argument("out", type=click.Path(file_okay=False, path_type=Path))
 @click.option(
@@ -146,20 +164,8 @@ def run_demo(
     show_default=True,
     help="Number of fine-tuned models to merge.",
 )
-@click.option(
-    "--pcb-ratio",
-    type=click.FloatRange(0, 1, min_open=True),
-    default=0.1,
-    show_default=True,
-    help="Fraction of entries each model keeps.",
-)
-@click.option(
-    "--clamp-ratio",
-    type=click.FloatRange(0, 0.5, max_open=True),
-    default=1e-4,
-    show_default=True,
-    help="Outlier-clipping quantile of |task vector|.",
-)
+@_option(PCB_RATIO)
+@_option(CLAMP_RATIO)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the tiny models.")
 @click.option(
     "--inputs",
@@ -186,7 +192,7 @@ def demo(
                 seed=seed,
                 workdir=inputs or Path(workdir),
             )
-        except Exception as error:  # noqa: BLE001 - one clear line, not a traceback
+        except Exception as error:  # one clear line, not a traceback
             raise click.ClickException(f"{type(error).__name__}: {error}") from None
     click.echo(f"PCB-merged model ({experts} experts + base, tiny Llama): {out.resolve()}")
     click.echo(

@@ -12,17 +12,17 @@ import click
 
 COMMANDS = {
     "merge": (
-        "mergekit_pcb.merge_cli",
+        "mergekit_pcb.cli.merge",
         "merge",
         "Validate a pcb config strictly, then run mergekit's merge.",
     ),
     "demo": (
-        "mergekit_pcb.demo",
+        "mergekit_pcb.cli.demo",
         "demo",
         "Build tiny local models and merge them with PCB (no downloads).",
     ),
     "evolve": (
-        "mergekit_pcb.evolve.cli",
+        "mergekit_pcb.cli.evolve",
         "evolve",
         "Search PCB's ratios and coefficients with CMA-ES.",
     ),

@@ -46,7 +46,7 @@ def serves(*tensors: torch.Tensor) -> bool:
 
 
 def _loops():
-    from mergekit_pcb import loops  # numba: imported on first use (see the module docstring)
+    from mergekit_pcb.kernel import loops  # numba: on first use (see the module docstring)
 
     return loops
 
@@ -65,15 +65,10 @@ def score_chunk(
     tau: torch.Tensor,
     score: torch.Tensor,
     cols: slice,
-    total: torch.Tensor | None,
     bounds: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-    n_models: int,
 ) -> torch.Tensor:
-    """kernel.scores' step for ``cols`` (T~ over tau, B into score); each row's max B there.
-
-    ``bounds``: low, high and span per row (float32 vectors of n); ``total``: the
-    column sums of the raw tau (None: this chunk's own).
-    """
+    """torch_ops.scores' step for ``cols`` (T~ over tau, B into score); each row's max B
+    there. ``bounds``: low, high and span per row (float32 vectors of n)."""
     loops = _loops()
     keys = _no_keys(len(tau))
     loops.scores(
@@ -81,9 +76,8 @@ def score_chunk(
         score.numpy(),
         cols.start,
         cols.stop,
-        np.empty(0, np.float32) if total is None else total.numpy(),
         *(b.numpy() for b in bounds),
-        np.float32(n_models * math.log2(math.e)),
+        np.float32(len(tau) * math.log2(math.e)),
         keys,
     )
     return _maxima(keys)
@@ -98,7 +92,7 @@ def window_counts(bits: torch.Tensor, low: int, high: int) -> np.ndarray:
     return counts
 
 
-def combine_chunk(  # noqa: PLR0913
+def combine_chunk(
     clipped: torch.Tensor,
     source: torch.Tensor,
     from_scores: bool,
@@ -180,7 +174,7 @@ def statistics_row(
     )
 
 
-def scores_direct(
+def scores_streamed(
     source: Inputs,
     cols: slice,
     score: torch.Tensor,
@@ -231,7 +225,7 @@ def add_scaled_chunk(
     )
 
 
-def combine_direct(  # noqa: PLR0913
+def combine_streamed(
     source: Inputs,
     cols: slice,
     score: torch.Tensor,

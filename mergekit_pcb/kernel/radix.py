@@ -25,13 +25,14 @@ more than one integer buffer the size of its input.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from mergekit_pcb import fused, workspace
+from mergekit_pcb.kernel import bindings, runtime
+from mergekit_pcb.kernel.runtime import Role
 
 DIGIT_BITS = 16
 _RADIX = 1 << DIGIT_BITS
@@ -129,24 +130,6 @@ def _start(counts: np.ndarray, rank: int, total: int) -> _Search:
     return _Search(rank - below, digit - _HALF, below, above)
 
 
-def select_row(x: torch.Tensor, ranks: Sequence[int]) -> list:
-    """``sorted(x)[k]`` for each k in ``ranks`` of an in-memory tensor (exact, flattened)."""
-    width = key_bits(x.dtype)
-    bits = _as_bits(x)
-    buffer = torch.empty_like(bits)
-    counts = digit_counts(_top_digits(bits, width, buffer))
-    searches = [_start(counts, int(rank), bits.numel()) for rank in ranks]
-    for level in range(1, width // DIGIT_BITS):
-        histograms = {}
-        for search in searches:
-            if search.prefix not in histograms:
-                histograms[search.prefix] = _host(
-                    _digit_histogram(bits, search.prefix, level, width, buffer)
-                )
-            search.narrow(histograms[search.prefix])
-    return [_to_float(search.prefix, x.dtype) for search in searches]
-
-
 def top_digits(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """The top 16 bits of x's elements as 0..65535 in integer order, into int32 ``out``
     (x float32, of any shape and strides)."""
@@ -182,9 +165,9 @@ def window_counts(x: torch.Tensor, window: tuple[int, int]) -> np.ndarray:
     1 + j the pattern low + j, the last bin those above."""
     low, high = window
     bits = _as_bits(x)
-    if fused.enabled and bits.device.type == "cpu":
-        return fused.window_counts(bits, low, high)
-    buffer = workspace.buffer("radix digits", bits.numel(), bits.dtype, bits.device)
+    if bindings.enabled and bits.device.type == "cpu":
+        return bindings.window_counts(bits, low, high)
+    buffer = runtime.buffer(Role.RADIX_DIGITS, bits.numel(), bits.dtype, bits.device)
     digits = torch.clamp(bits, low - 1, high + 1, out=buffer).sub_(low - 1)
     return _host(torch.bincount(digits, minlength=high - low + 3))
 
@@ -242,8 +225,8 @@ class StreamingSelector:
             raise TypeError(f"chunk dtype {chunk.dtype} != selector dtype {self.dtype}")
         bits = _as_bits(chunk)
         # Reused per thread: a fresh chunk-sized buffer per row and pass page-faulted or
-        # fragmented the heap (see mergekit_pcb.workspace).
-        buffer = workspace.buffer("radix digits", bits.numel(), bits.dtype, bits.device)
+        # fragmented the heap (see mergekit_pcb.kernel.runtime).
+        buffer = runtime.buffer(Role.RADIX_DIGITS, bits.numel(), bits.dtype, bits.device)
         if self.level == 0:
             return {None: (bits.numel(), digit_counts(_top_digits(bits, self._width, buffer)))}
         return {
@@ -275,17 +258,3 @@ class StreamingSelector:
         if not self.done:
             raise RuntimeError(f"{self.passes - self.level} pass(es) still to run")
         return [_to_float(search.prefix, self.dtype) for search in self._searches]
-
-
-def streaming_select(
-    chunks: Callable[[], Iterable[torch.Tensor]],
-    ranks: Sequence[int],
-    dtype: torch.dtype,
-) -> list:
-    """Drive a selector: ``chunks()`` is called once per pass and must repeat itself."""
-    selector = StreamingSelector(dtype, ranks)
-    while not selector.done:
-        for chunk in chunks():
-            selector.feed(chunk)
-        selector.advance()
-    return selector.values()

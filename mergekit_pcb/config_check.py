@@ -9,40 +9,17 @@ add to the method are covered automatically), with a did-you-mean for typos.
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ValidationError
 
-
-class ConfigError(ValueError):
-    """A config problem, phrased as one line that names the key and what is allowed."""
-
-
-def did_you_mean(name: str, choices: list[str]) -> str:
-    close = difflib.get_close_matches(name, choices, n=1, cutoff=0.6)
-    return f"; did you mean '{close[0]}'?" if close else ""
-
-
-def load_yaml(text: str, source: str = "config") -> dict:
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{source}: not valid YAML: {error}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{source}: expected a YAML mapping at the top level, got {data!r}")
-    return data
-
-
-def format_validation_error(error: ValidationError) -> str:
-    """pydantic's multi-line report as one line: 'location: message' per problem."""
-    parts = []
-    for item in error.errors():
-        location = ".".join(str(part) for part in item["loc"]) or "config"
-        parts.append(f"{location}: {item['msg']}")
-    return "; ".join(parts)
+from mergekit_pcb.config_errors import (
+    ConfigError,
+    did_you_mean,
+    format_validation_error,
+    load_yaml,
+)
 
 
 def _check_keys(raw: Any, model: type[BaseModel], where: str) -> None:
@@ -207,7 +184,9 @@ def validate_config(text: str, source: str = "config"):
 
     from mergekit import merge_methods
 
-    import mergekit_pcb  # noqa: F401  (registers pcb even when autoload is opted out)
+    import mergekit_pcb
+
+    mergekit_pcb.register()  # even when autoload is opted out
 
     try:
         method = merge_methods.get(config.merge_method)
@@ -222,4 +201,4 @@ def validate_config(text: str, source: str = "config"):
     return config
 
 
-__all__ = ["ConfigError", "did_you_mean", "format_validation_error", "validate_config"]
+__all__ = ["ConfigError", "validate_config"]

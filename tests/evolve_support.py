@@ -21,7 +21,8 @@ TASKS = ("max", "cipher")
 
 @lru_cache(maxsize=1)
 def family() -> dict:
-    from mergekit_pcb import toy
+    import toy
+
     from mergekit_pcb.tiny import new_llama, save_model, tiny_llama_config
 
     root = Path(tempfile.mkdtemp(prefix="evolve-family-"))

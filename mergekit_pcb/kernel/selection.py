@@ -12,7 +12,7 @@ Two exact strategies, chosen per rank:
   blocks give the exact answer (see :func:`_from_blocks`) for a fraction of one
   pass, where radix selection needs two histogram passes per rank.
 * **Other ranks** (the drop cut) use streamed radix selection
-  (:class:`mergekit_pcb.scope.radix.StreamingSelector`): its first histogram pass
+  (:class:`mergekit_pcb.kernel.radix.StreamingSelector`): its first histogram pass
   is fed by the chunks as they are made, the second reads them back once. A lone
   such rank of a long float32 row (the keep cut) instead stores the top digits of
   every fifth column as the chunks pass; they choose a window of bit patterns
@@ -29,11 +29,10 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from mergekit_pcb import parallel, workspace
-from mergekit_pcb.scope import radix
-from mergekit_pcb.scope.radix import StreamingSelector
+from mergekit_pcb.kernel import radix, runtime
+from mergekit_pcb.kernel.radix import StreamingSelector
+from mergekit_pcb.kernel.runtime import BLOCK, Role, column_chunks
 
-BLOCK = 64
 # The radix passes after the first re-read the chunks this many at a time: every
 # histogram costs a fixed 65536-bin allocation and merge, which wider reads amortize
 # (the counts are exact integers, so the grouping cannot change a result).
@@ -172,7 +171,7 @@ class RowSelection:
             with self._lock:  # add at once: each chunk's histograms are 0.5 MB a row
                 self._add(counted)
 
-        parallel.map_chunks(count, list(columns), device)
+        runtime.map_chunks(count, list(columns), device)
 
     def _from_radix(self, columns, chunk_at, device) -> list[list[float]]:
         """The radix ranks by full radix selection, the first pass already counted."""
@@ -194,8 +193,8 @@ class RowSelection:
         with self._lock:
             if self._sample is None:  # reused between merges; a clash costs a miss at most
                 slots = -(-self.d // self._stride)
-                self._sample = workspace.buffer(
-                    "selection sample", self.n * slots, torch.int32, device
+                self._sample = runtime.buffer(
+                    Role.CUT_SAMPLE, self.n * slots, torch.int32, device
                 ).view(self.n, slots)
         return self._sample, self._stride
 
@@ -235,7 +234,7 @@ class RowSelection:
                     else:
                         totals[i] += counts
 
-        parallel.map_chunks(count, list(columns), device)
+        runtime.map_chunks(count, list(columns), device)
         picks = [
             radix.pick_in_window(counts, rank, window, self.dtype)
             for counts, window in zip(totals, windows, strict=True)
@@ -306,12 +305,6 @@ def _coarser(columns: Sequence[slice], factor: int) -> list[slice]:
     return joined
 
 
-def column_chunks(d: int, width: int) -> list[slice]:
-    """Column ranges of ``width`` (rounded down to whole blocks) covering 0..d."""
-    width = max(BLOCK, width - width % BLOCK)
-    return [slice(start, min(start + width, d)) for start in range(0, d, width)]
-
-
 def order_statistics(x: torch.Tensor, ranks: Sequence[int]) -> torch.Tensor:
     """Row-wise ``sorted(x)[:, k]`` (n x len(ranks)) of an in-memory matrix, never a full sort."""
     n, d = x.shape
@@ -320,9 +313,9 @@ def order_statistics(x: torch.Tensor, ranks: Sequence[int]) -> torch.Tensor:
             if not 0 <= k < d:
                 raise IndexError(f"order statistic {k} out of range for {d} elements")
         return torch.stack([x.kthvalue(k + 1, dim=1).values for k in ranks], dim=1)
-    columns = column_chunks(d, (1 << 20) // max(n, 1))
+    columns = column_chunks(n, d, 1 << 20)
     selection = RowSelection(n, d, x.dtype, ranks)
-    parallel.map_chunks(lambda cols: selection.feed(cols, x[:, cols]), columns, x.device)
+    runtime.map_chunks(lambda cols: selection.feed(cols, x[:, cols]), columns, x.device)
     return selection.finish(
         columns, lambda cols: x[:, cols], lambda i, c: x[i].index_select(0, c), x.device
     ).to(x.device)

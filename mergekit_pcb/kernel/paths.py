@@ -1,0 +1,135 @@
+"""The three ways the kernel merges one tensor, each one call from the mergekit adapter.
+
+* :func:`merge_streamed` reads the inputs themselves in each pass and never stores
+  tau or T~ (CPU, bf16/float32 inputs, clip ranks found from block extremes:
+  :func:`streams` says whether it applies). The usual per-tensor merge.
+* :func:`merge_stored` stores tau once, then runs steps 2-11 on it: every other
+  per-tensor merge (float16/float64 inputs, CUDA, a large ``clamp_ratio``).
+* :func:`merge_with_statistics` runs steps 3-11 with statistics taken over the
+  whole model (:mod:`.whole_model`).
+
+Every path takes the experts in the canonical order (:mod:`.experts`) and
+gives the same floats: they share the chunks, the block functions and the order
+of additions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from mergekit_pcb.kernel import bindings, selection, streamed
+from mergekit_pcb.kernel.experts import TaskVectors, task_vectors
+from mergekit_pcb.kernel.runtime import compute_dtype
+from mergekit_pcb.kernel.torch_ops import (
+    ClipSelection,
+    add_scaled,
+    combine,
+    drop_weights,
+    pcb_task_vector,
+    quantile_indices,
+    scores,
+)
+from mergekit_pcb.kernel.whole_model import ModelStatistics, row_statistics
+
+
+class NonFiniteTaskVector(ValueError):
+    """Some task vector holds NaN/Inf: an input does, or a difference overflows ``dtype``."""
+
+    def __init__(self, dtype: torch.dtype):
+        super().__init__(f"a task vector is not finite in {dtype}")
+        self.dtype = dtype
+
+
+def streams(base: torch.Tensor, experts: Sequence[torch.Tensor], clamp_ratio: float) -> bool:
+    """Whether :func:`merge_streamed` takes this tensor; model order does not matter."""
+    d = base.numel()
+    return (
+        len(experts) <= bindings.MAX_MODELS
+        and all(selection.is_extreme(k, d) for k in quantile_indices(d, clamp_ratio))
+        and bindings.accepts([base, *experts])
+    )
+
+
+def merge_streamed(
+    base: torch.Tensor,
+    experts: Sequence[torch.Tensor],
+    coefficients: Sequence[float],
+    *,
+    pcb_ratio: float,
+    clamp_ratio: float,
+    scale: float,
+) -> torch.Tensor:
+    """base + scale * m in the base's dtype and shape (the base itself if no expert
+    changed it), read straight from the inputs, where :func:`streams` says so."""
+    inputs = streamed.source(base, experts)
+    stats = streamed.statistics(inputs, clamp_ratio)
+    if not stats.finite:
+        raise NonFiniteTaskVector(torch.float32)
+    if not stats.changed:
+        return base
+    weights = torch.tensor(coefficients, dtype=torch.float32)
+    merged = streamed.merge(inputs, stats.bounds, weights, pcb_ratio, scale)
+    return merged.reshape(base.shape)
+
+
+def _task_vectors(base: torch.Tensor, experts: Sequence[torch.Tensor], observe=None):
+    vectors = task_vectors(base, experts, reuse=True, observe=observe)  # done before the next
+    if not vectors.finite:
+        raise NonFiniteTaskVector(vectors.tau.dtype)
+    return vectors
+
+
+def _output(vectors: TaskVectors, merged: torch.Tensor, scale: float, like: torch.Tensor):
+    return add_scaled(vectors.base, merged, scale, like.dtype).reshape(like.shape)
+
+
+def _weights(coefficients: Sequence[float], like: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(coefficients, dtype=like.dtype, device=like.device)
+
+
+def merge_stored(
+    base: torch.Tensor,
+    experts: Sequence[torch.Tensor],
+    coefficients: Sequence[float],
+    *,
+    pcb_ratio: float,
+    clamp_ratio: float,
+    scale: float,
+) -> torch.Tensor:
+    """As :func:`merge_streamed`, from task vectors stored once (any device and dtype)."""
+    clip = ClipSelection(len(experts), base.numel(), compute_dtype(base.dtype), clamp_ratio)
+    vectors = _task_vectors(base, experts, observe=clip.feed)  # the clip quantiles ride along
+    if not vectors.changed:
+        return base
+    tau = vectors.tau
+    merged = pcb_task_vector(
+        tau,
+        _weights(coefficients, tau),
+        pcb_ratio=pcb_ratio,
+        clamp_ratio=clamp_ratio,
+        bounds=clip.finish(tau),
+    )
+    return _output(vectors, merged, scale, base)
+
+
+def merge_with_statistics(
+    base: torch.Tensor,
+    experts: Sequence[torch.Tensor],
+    coefficients: Sequence[float],
+    statistics: Sequence[ModelStatistics],
+    *,
+    pcb_ratio: float,
+    scale: float,
+) -> torch.Tensor:
+    """As :func:`merge_stored`, with the clip bounds, cut and max B of each expert's
+    whole model (:mod:`.whole_model`) instead of this tensor's own."""
+    vectors = _task_vectors(base, experts)
+    if not vectors.changed:
+        return base
+    rows = row_statistics(statistics, vectors.tau.dtype, vectors.tau.device)
+    clipped, score = scores(vectors.tau, rows.bounds)
+    weights = drop_weights(score, pcb_ratio, threshold=rows.threshold, top=rows.top, out=score)
+    merged = combine(clipped, weights, _weights(coefficients, clipped))
+    return _output(vectors, merged, scale, base)

@@ -1,0 +1,142 @@
+"""The kernel's CPU runtime: column chunks, chunk-level threads, per-thread buffers.
+
+Threads: each kernel op runs on one cache-sized chunk, too small for torch's own
+intra-op threads to pay off (their barriers eat the gain). Handing whole chunks to
+a pool of threads that each run their ops single-threaded keeps the cores busy for
+the whole chain of ops. Results do not depend on the number of threads: every
+chunk runs the same ops on the same data, and what chunks share (extremes,
+histograms) is combined order-independently. Small tensors stay on the calling
+thread (see :data:`CHUNKS_PER_THREAD`): handing a few chunks to a pool costs more
+than it saves.
+
+Buffers: a tensor's task vectors and scores are n x d float matrices. A fresh
+allocation that large is served by ``mmap``, and every 4 KiB page then faults on
+first touch; reusing one buffer per :class:`Role` and thread avoids that. Only
+buffers up to :data:`MAX_BUFFER_BYTES` are kept (layer-sized tensors, merged by the
+hundred): holding the embedding-sized ones would raise the merge's peak memory.
+mergekit's executors merge one tensor per thread at a time, so a role's holder is
+always done with it before the next tensor. On CUDA torch's caching allocator
+already reuses memory, so a buffer there is a plain allocation.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from enum import Enum
+from typing import TypeVar
+
+import torch
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+# Work goes to the pool only with at least this many chunks per thread.
+CHUNKS_PER_THREAD = 16
+MAX_BUFFER_BYTES = 64 << 20
+CHUNK_ELEMENTS = 1 << 19  # elements of one chunk of an n x d matrix (all rows)
+BLOCK = 64  # chunks start at multiples of this many columns (the selection's blocks)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; every other storage dtype is computed in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def column_chunks(n: int, d: int, elements: int | None = None) -> list[slice]:
+    """Column ranges of about ``elements`` (default CHUNK_ELEMENTS) elements of n rows,
+    starting at multiples of BLOCK: every path cuts a tensor into the same chunks, so
+    sums add in the same order."""
+    width = (elements or CHUNK_ELEMENTS) // max(n, 1)
+    width = max(BLOCK, width - width % BLOCK)
+    return [slice(start, min(start + width, d)) for start in range(0, d, width)]
+
+
+class Role(Enum):
+    """What a reusable buffer holds; two live temporaries never share a role."""
+
+    TASK_VECTORS = "task vectors"  # tau, n x d
+    TASK_VECTORS_BASE = "task vectors base"  # a chunk of the base in the compute dtype
+    SCORES = "scores"  # B, n x d
+    MAGNITUDE = "|tau|"  # a chunk of |tau|; also tanh's square before that
+    COLUMN_TOTAL = "column total"  # a chunk's sum of tau over the models
+    POLYNOMIAL = "tanh polynomial"
+    DENOMINATOR = "denominator"  # a chunk's sum of W
+    PRODUCTS = "products"  # W * T~ of a chunk
+    WEIGHTS = "W"  # a chunk of W
+    OUTPUT = "output"  # base + lambda * m of a chunk, before the cast
+    CUT_SAMPLE = "cut sample"  # the keep cut's sampled top digits
+    RADIX_DIGITS = "radix digits"
+    STREAMED_TOTAL = "streamed total"  # the streamed path's column sums
+    STREAMED_NUMERATOR = "streamed numerator"
+    STREAMED_DENOMINATOR = "streamed denominator"
+
+
+_local = threading.local()
+
+
+def buffer(role: Role, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A flat tensor of ``numel`` elements, reused by every call with the same role on
+    this thread. The contents are garbage; the previous holder must be done with it."""
+    too_big = numel * dtype.itemsize > MAX_BUFFER_BYTES
+    if too_big or torch.device(device).type != "cpu":
+        return torch.empty(numel, dtype=dtype, device=device)
+    store: dict = _local.__dict__.setdefault("buffers", {})
+    key = (role, dtype)
+    held = store.get(key)
+    if held is None or held.numel() < numel:
+        store.pop(key, None)  # free the smaller one before allocating its successor
+        held = store[key] = torch.empty(numel, dtype=dtype)
+    return held[:numel]
+
+
+_pool_lock = threading.Lock()
+_pool: ThreadPoolExecutor | None = None
+_pool_workers = 0
+_busy = threading.local()
+
+
+def _executor(workers: int) -> ThreadPoolExecutor:
+    global _pool, _pool_workers
+    with _pool_lock:
+        if _pool is None or _pool_workers != workers:
+            if _pool is not None:
+                _pool.shutdown(wait=False)
+            _pool = ThreadPoolExecutor(workers, thread_name_prefix="mergekit-pcb")
+            _pool_workers = workers
+        return _pool
+
+
+def map_chunks(fn: Callable[[T], R], items: Sequence[T], device: torch.device) -> list[R]:
+    """``[fn(x) for x in items]``, on torch's thread count of pool threads (CPU only).
+
+    torch's intra-op threads are set to 1 meanwhile (and restored), so the pool's
+    threads are the only ones working; with one thread, too few items (see the
+    module), on a GPU, or when called from inside a pool thread, it is a plain loop.
+    """
+    workers = torch.get_num_threads()
+    if (
+        min(workers, len(items) // CHUNKS_PER_THREAD) <= 1
+        or torch.device(device).type != "cpu"
+        or getattr(_busy, "inside", False)
+    ):
+        return [fn(x) for x in items]
+
+    def run(x: T) -> R:
+        if not getattr(_busy, "single", False):
+            # OpenMP's thread count is per calling thread: set it in each pool thread.
+            torch.set_num_threads(1)
+            _busy.single = True
+        _busy.inside = True
+        try:
+            return fn(x)
+        finally:
+            _busy.inside = False
+
+    pool = _executor(workers)
+    torch.set_num_threads(1)
+    try:
+        return list(pool.map(run, items))
+    finally:
+        torch.set_num_threads(workers)

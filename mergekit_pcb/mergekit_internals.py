@@ -1,0 +1,111 @@
+"""Every use of mergekit's private API, in one place to audit on a mergekit upgrade.
+
+mergekit >= 0.1.5 offers no public way to do these things; each function says what
+it relies on. :func:`check` verifies that all of it is still there, and the test
+suite calls it, so a mergekit release that moves any of it fails loudly, naming
+this module, instead of breaking one feature at run time.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+
+def planned_tensors(planner: Any) -> list[tuple[Any, Any]]:
+    """Every output tensor of a merge and the task that makes it, as mergekit plans them.
+
+    Relies on ``MergePlanner._plan()`` filling ``MergePlanner._tensors`` with
+    ``(WeightInfo, task)`` pairs (``plan_to_disk`` wraps them in writer tasks, which
+    would hide the parameters each tensor resolved).
+    """
+    planner._plan()
+    return list(planner._tensors)
+
+
+def run_quietly(executor: Any) -> Iterator[tuple[Any, Any]]:
+    """``(handle, value)`` of each target task of ``executor``, without a progress bar.
+
+    Relies on ``Executor._run(quiet=True)`` yielding the targets' values as they are
+    made (``Executor.run`` collects them all first).
+    """
+    return executor._run(quiet=True)
+
+
+def running_executor() -> tuple[Any, Any]:
+    """The ``ExecuteMergeMethodTask`` and the ``Executor`` that are running this call.
+
+    Relies on mergekit calling ``merge_group`` from ``ExecuteMergeMethodTask.execute``
+    inside ``Executor._run``, so both are ``self`` of some frame above this one.
+    (None, None) where the call comes from elsewhere (``merge_tensors``).
+    """
+    from mergekit.graph import Executor
+    from mergekit.merge_methods.task_adapter import ExecuteMergeMethodTask
+
+    frame = sys._getframe(1)
+    task = None
+    while frame is not None:
+        owner = frame.f_locals.get("self")
+        if task is None and isinstance(owner, ExecuteMergeMethodTask):
+            task = owner
+        if isinstance(owner, Executor):
+            return task, owner
+        frame = frame.f_back
+    return task, None
+
+
+@contextmanager
+def local_folders_stay_local() -> Iterator[None]:
+    """In the model card, an existing local folder is local, without asking the Hub.
+
+    mergekit 0.1.5's ``card.is_hf`` asks the Hugging Face Hub about every existing
+    folder written as a bare name (``base``); offline that raises after the weights
+    are written, leaving a model without its card. Relies on the card writer
+    calling the module-level ``card.is_hf``.
+    """
+    from mergekit import card
+
+    hub_check = card.is_hf
+    card.is_hf = lambda path: False if os.path.exists(path) else hub_check(path)
+    try:
+        yield
+    finally:
+        card.is_hf = hub_check
+
+
+def genotype_tensor(genome: Any, genotype: Any) -> Any:
+    """A flat genotype reshaped to (layer groups, models, parameters), as mergekit does.
+
+    Relies on ``ModelGenome._to_torch``.
+    """
+    return genome._to_torch(genotype)
+
+
+def check() -> None:
+    """Raise if this mergekit lacks anything this module relies on."""
+    from mergekit import card
+    from mergekit.evo.genome import ModelGenome
+    from mergekit.graph import Executor
+    from mergekit.merge_methods.task_adapter import ExecuteMergeMethodTask
+    from mergekit.plan import MergePlanner
+
+    needed = {
+        "MergePlanner._plan": getattr(MergePlanner, "_plan", None),
+        "Executor._run": getattr(Executor, "_run", None),
+        "ExecuteMergeMethodTask.execute": getattr(ExecuteMergeMethodTask, "execute", None),
+        "card.is_hf": getattr(card, "is_hf", None),
+        "ModelGenome._to_torch": getattr(ModelGenome, "_to_torch", None),
+    }
+    missing = [name for name, found in needed.items() if not callable(found)]
+    if "_tensors" not in MergePlanner.__init__.__code__.co_names:
+        missing.append("MergePlanner._tensors")
+    if missing:
+        import mergekit
+
+        raise RuntimeError(
+            f"mergekit {getattr(mergekit, '__version__', '?')} lacks {', '.join(missing)}, "
+            f"which mergekit_pcb/mergekit_internals.py relies on; update that module"
+        )
