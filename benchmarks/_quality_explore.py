@@ -28,9 +28,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _quality_methods import METHODS, configurations, merge, scored  # noqa: E402
-from _quality_run import _mean, _normalized, _per_task  # noqa: E402
-from _quality_setup import FULL, bench  # noqa: E402
+from _quality_methods import METHODS, configurations, merge, scored
+from _quality_run import _mean, _normalized, _per_task
+from _quality_setup import FULL, bench
 
 # Regime 8 of _quality_notes.md (published before replay): the reference the rows vary.
 R8 = dataclasses.replace(

@@ -21,12 +21,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import toy  # noqa: E402
-from _quality_methods import METHODS, merge  # noqa: E402
-from _quality_run import _mean, _normalized, _per_task, _save_checkpoints  # noqa: E402
-from _quality_setup import FULL, build_family, model_config, splits  # noqa: E402
+import toy
+from _quality_methods import METHODS, merge
+from _quality_run import _mean, _normalized, _per_task, _save_checkpoints
+from _quality_setup import FULL, build_family, model_config, splits
 
-from mergekit_pcb.tiny import new_llama  # noqa: E402
+from mergekit_pcb.tiny import new_llama
 
 
 @click.command()

@@ -25,7 +25,7 @@ import click
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _models import FULL, QUICK, FamilySpec, build_family  # noqa: E402
+from _models import FULL, QUICK, FamilySpec, build_family
 
 MEDIUM = FamilySpec(
     vocab_size=8000, hidden_size=512, intermediate_size=1408, num_layers=8, num_heads=8

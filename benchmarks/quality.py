@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _quality_run import main  # noqa: E402
+from _quality_run import main
 
 if __name__ == "__main__":
     main()

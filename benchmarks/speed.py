@@ -28,7 +28,7 @@ import click
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _models import FULL, QUICK, build_family, parameter_count  # noqa: E402
+from _models import FULL, QUICK, build_family, parameter_count
 
 METHODS: dict[str, dict] = {
     "pcb": {"merge_method": "pcb", "parameters": {"pcb_ratio": 0.2}},

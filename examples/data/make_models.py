@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-import toy  # noqa: E402
+import toy
 
 from mergekit_pcb.tiny import new_llama, save_model, tiny_llama_config
 

@@ -143,7 +143,7 @@ def cut_table(score: torch.Tensor, ratios: tuple[float, float]) -> dict[str, tor
     """Each row's sorted scores at every rank a searched ratio can cut at, and its max.
 
     The cut t_i = sorted(B_i)[int(d (1 - r))] is then a lookup instead of a selection
-    per candidate (measured: the selection was most of a candidate's merge time);
+    per candidate (the selection was most of a candidate's merge time);
     the value is the same element, so the floats do not change. Only ranks between
     the cuts of the highest and lowest ratio are kept (int(d (1 - r)) is monotone in r).
     """

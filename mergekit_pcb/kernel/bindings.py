@@ -1,25 +1,23 @@
-"""Which kernel steps run as compiled loops (:mod:`mergekit_pcb.loops`), and their calls.
+"""Which steps run as compiled loops (:mod:`.loops`), and the torch-to-numpy calls into them.
 
 Why: on CPU every torch op streams its whole operand through the cache once; the
 score step is ~15 ops, and the keep cut's count writes a digits copy and re-reads
-it for ``bincount``. With two cores sharing one L3, threads barely help such ops
-(measured 1.1x), so the time per element is what counts. One compiled loop per
-step reads each element once: on the benchmark model the scores, the cut's count
-and the weighted sum each take about half the time of the torch ops in
-:mod:`mergekit_pcb.kernel`, which stay the reference and the path for CUDA
-tensors and float64; the ``*_row`` loops also read a tensor's inputs directly
-(:mod:`mergekit_pcb.direct`). Every CPU float32 caller (method, model scope,
-evolve) goes through the same loops, so they still agree bit for bit.
+it for ``bincount``. Threads barely help such ops when cores share one cache, so
+the time per element is what counts, and one compiled loop per step reads each
+element once. The torch ops (:mod:`.torch_ops`) stay the reference and the path
+for CUDA tensors and float64; the ``*_row`` loops also read a tensor's inputs
+directly (:mod:`.streamed`). Every CPU float32 caller (method, model scope, search)
+goes through the same loops, so they agree bit for bit.
 
 Numerics differ from the torch ops only by float32 rounding (a few ulp): exp2 is
 a degree-7 Taylor polynomial on [-1/2, 1/2] (first dropped term 5.2e-9 relative)
 scaled by an exact power of two, valid while the exponent stays >= -125, i.e. for
-up to :data:`MAX_MODELS` models; tanh is x (1 - x^2/3) below |x| < 1/64, as in the
-kernel, and ``math.tanh`` above.
+up to :data:`MAX_MODELS` models; tanh is x (1 - x^2/3) below |x| < 1/64, as in
+:mod:`.torch_ops`, and ``math.tanh`` above.
 
 numba is imported on the first CPU merge, not with mergekit: other methods never
-pay for it. The loops are compiled once per machine (~10 s in all) and cached on
-disk (numba's ``cache=True``); a later process imports numba and loads them in ~0.3 s.
+pay for it. The loops are compiled once per machine and cached on disk (numba's
+``cache=True``; the README's performance section says what that costs).
 """
 
 from __future__ import annotations

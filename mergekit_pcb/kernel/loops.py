@@ -1,22 +1,22 @@
 """The kernel's hottest CPU steps as compiled loops (numba): one pass over each chunk.
 
-Imported only through :mod:`mergekit_pcb.fused` on the first CPU merge, never with
-mergekit itself (numba costs ~0.2 s to import). Each function takes numpy views of
+Imported only through :mod:`.bindings` on the first CPU merge, never with
+mergekit itself (numba is slow to import). Each function takes numpy views of
 the torch buffers and writes its results in place; ``nogil`` lets the kernel's
-chunk threads run them side by side. See :mod:`mergekit_pcb.fused` for why and
+chunk threads run them side by side. See :mod:`.bindings` for why and
 for the numerics.
 
 Two sources of tau: a stored n x d matrix (model scope, evolve, float32 task
 vectors made by torch), or the inputs themselves (the ``*_row`` loops of the
 per-tensor merge, which never stores tau or T~: one call per model and chunk, so
-that no list of arrays crosses into numba, whose typed lists cost ~0.8 s to set
-up per process). Both run the same per-row block functions on the same float32
+that no list of arrays crosses into numba, whose typed lists are slow to set up
+in each process). Both run the same per-row block functions on the same float32
 values, adding rows in the same order, so they agree bit for bit. Inputs are read
 as bit patterns: bf16 as int16 (``shift`` 16: the float32 with those top bits,
 exact) or float32 as int32 (``shift`` 0).
 
 Loops index slices from 0 throughout: an offset index (``a[first + j]``) keeps
-numba's negative-index check in the loop, which stops vectorization (10x slower).
+numba's negative-index check in the loop, which stops vectorization.
 """
 
 from __future__ import annotations
@@ -339,7 +339,7 @@ def score_row(source, start, stop, total, low, high, span, scale, out, key, samp
             out[first:last],
             key,
             work,
-            False,  # the direct path never reads T~ back: no need to write it
+            False,  # the streamed path never reads T~ back: no need to write it
         )
         if stride:
             for column in range(-(-first // stride) * stride, last, stride):

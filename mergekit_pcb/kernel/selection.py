@@ -138,7 +138,7 @@ class RowSelection:
             if kind in self._kinds
         }
         # On the calling thread: in the pool, these small allocations stayed in the
-        # threads' malloc arenas and raised the merge's peak RSS by ~10%.
+        # threads' malloc arenas and raised the merge's peak memory.
         for j, (rank, kind) in enumerate(zip(self.ranks, self._kinds, strict=True)):
             if kind is not None:
                 largest = kind == "high"
@@ -187,7 +187,7 @@ class RowSelection:
         """Where the sample goes (n x slots int32: the top digits of every stride-th
         column, at column // stride) and the stride; None if this selection takes no
         sample. A producer that writes every chunk's sample there itself need not
-        :meth:`feed` the chunks (e.g. the compiled loops of mergekit_pcb.direct)."""
+        :meth:`feed` the chunks (e.g. the compiled loops of :mod:`.streamed`)."""
         if not self._sampled:
             return None
         with self._lock:

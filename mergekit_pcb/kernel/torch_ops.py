@@ -1,21 +1,18 @@
-"""PCB-Merging arithmetic on task-vector rows, free of any mergekit types.
+"""Steps 2-11 as torch ops over column chunks: the path for CUDA and float64, and the
+reference the compiled loops are tested against.
 
-Every function takes ``tau`` as an ``n x d`` matrix (one row per fine-tuned model)
-so the same code serves the per-tensor method, the whole-model scope (which feeds
-it statistics gathered over all tensors) and the evolutionary search (which caches
-the scores and only re-runs the cheap drop-and-rescale step per candidate).
-Formulas and index expressions follow ../shared/PCB_SPEC.md literally.
+Every function takes ``tau`` as an ``n x d`` matrix (one row per fine-tuned model),
+so the same code serves the per-tensor merge, the whole-model scope (which passes
+statistics gathered over all tensors) and the search (which caches per tensor and
+re-runs only the steps that depend on what it searches). Step numbers are those of
+:mod:`mergekit_pcb.kernel`.
 
-Speed: the merge is bound by memory traffic. A tensor's ~25 elementwise steps run
-chunk by chunk over columns (about ``CHUNK_ELEMENTS`` per buffer), in cache, in
-threads (:mod:`mergekit_pcb.parallel`); the order statistics are taken from the
-same chunks while they are in cache (:mod:`mergekit_pcb.selection`), and
-:func:`pcb_task_vector` never stores W. On CPU in float32 each chunk step is one
-compiled loop (:mod:`mergekit_pcb.fused`); the torch ops here are the path for
-CUDA and float64, and the reference those loops are tested against. The
-per-tensor method goes further and never stores tau (:mod:`mergekit_pcb.direct`).
-Every path (method, model scope, evolve cache) runs the same chunk functions, so
-they agree bit for bit.
+The merge is bound by memory traffic, so a tensor's elementwise steps run chunk by
+chunk over columns (:func:`.runtime.column_chunks`), in cache, in threads; the
+order statistics are taken from the same chunks while they are there
+(:mod:`.selection`), and :func:`pcb_task_vector` never stores W. Where the compiled
+loops serve (contiguous CPU float32, :func:`.bindings.serves`) a chunk's step is
+one loop instead; both run the same blocks in the same order of additions.
 """
 
 from __future__ import annotations
@@ -105,7 +102,7 @@ def _tanh_(x: torch.Tensor, square: torch.Tensor, poly: torch.Tensor) -> torch.T
     """tanh in place; float32 entries by x (1 - x^2/3) or a Taylor polynomial where accurate.
 
     Why: torch's exp-family kernels run through MKL's VML, which is slow on some
-    CPUs (expm1 measured at 1.2 ns per element against 0.05 for a multiply). Usual
+    CPUs (over 20x a multiply per element). Usual
     task vectors give |tau_i * sum tau| far below 1/64, where x (1 - x^2/3) (two ops
     after the square) is exact to float32 rounding; larger entries take the x^7 polynomial,
     and |x| >= 0.125 the expm1 form. Which formula an entry gets depends only on its
@@ -151,7 +148,8 @@ def _buffer(role: Role, n: int, cols: slice, like: torch.Tensor) -> torch.Tensor
 
 
 def _column_sum(rows: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """Sum over the rows into ``out``, added in row order (1.5x faster than sum(dim=0))."""
+    """Sum over the rows into ``out``, added in row order (faster than sum(dim=0), and the
+    order the compiled loops add in)."""
     if len(rows) == 1:
         return out.copy_(rows[0])
     torch.add(rows[0], rows[1], out=out)
