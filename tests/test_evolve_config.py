@@ -151,3 +151,76 @@ def test_example_search_config_is_valid():
     assert [t.type for t in cfg.evaluation.tasks] == ["exact_match", "loss"]
     assert all(t.has_test for t in cfg.evaluation.tasks)
     assert cfg.base_model.endswith("models/base")
+
+
+def test_python_kwargs_are_checked_against_the_function(tmp_path, good):
+    (tmp_path / "scorers_kw.py").write_text(
+        "def score(model, tokenizer, task, n=3):\n    return 0.0\n"
+    )
+    task = {"name": "p", "type": "python", "function": "scorers_kw:score"}
+    ok = load_config(
+        _write(tmp_path, {**good, "evaluation": {"tasks": [{**task, "kwargs": {"task": "max"}}]}})
+    )
+    (spec,) = ok.evaluation.tasks
+    assert spec.call_kwargs("search") == {"task": "max"}
+    assert spec.call_kwargs("test") == {"task": "max"}  # test_kwargs default to kwargs
+    msg = _error(tmp_path, {**good, "evaluation": {"tasks": [{**task, "kwargs": {"tsk": "max"}}]}})
+    assert "task 'p'" in msg and "tsk" in msg and "scorers_kw:score" in msg
+    msg = _error(tmp_path, {**good, "evaluation": {"tasks": [task]}})  # 'task' is required
+    assert "task 'p'" in msg and "missing" in msg
+    bad_test = {
+        **task,
+        "kwargs": {"task": "a"},
+        "test_function": "scorers_kw:score",
+        "test_kwargs": {"n": 1},
+    }
+    assert "missing" in _error(tmp_path, {**good, "evaluation": {"tasks": [bad_test]}})
+    loss = {"name": "em", "type": "exact_match", "data": "val.jsonl", "kwargs": {"a": 1}}
+    assert "only for type python" in _error(tmp_path, {**good, "evaluation": {"tasks": [loss]}})
+
+
+@pytest.mark.parametrize(
+    "optimizer,expected",
+    [
+        ({"budget": 4, "sweep": [2, 2]}, "optimizer.budget: 4 is less than the 5"),
+        ({"budget": 5, "sweep": [2, 2], "start": {"lambda": 1.0}}, "at least 6"),
+        ({"sweep": [2]}, "optimizer.sweep"),
+        ({"sweep": [0, 2]}, "optimizer.sweep"),
+        ({"start": {"lambda": 2.5}}, "optimizer.start.lambda: 2.5 is outside search.lambda"),
+        ({"start": {"pcb_ratio": 0.01}}, "optimizer.start.pcb_ratio"),
+        ({"start": {"weight": [1.0]}}, "1 values for 2 models"),
+        ({"start": {"weight": 1.2}}, "optimizer.start.weight: 1.2 is outside search.weight"),
+        ({"start": {"lamda": 1.0}}, "did you mean 'lambda'"),
+    ],
+)
+def test_start_and_sweep_are_checked(tmp_path, good, optimizer, expected):
+    assert expected in _error(tmp_path, {**good, "optimizer": optimizer})
+
+
+def test_sweep_over_a_fixed_quantity(tmp_path, good):
+    cfg = {**good, "search": {**good["search"], "lambda": 1.0}, "optimizer": {"sweep": [3, 2]}}
+    assert "search.lambda is fixed" in _error(tmp_path, cfg)
+    cfg["optimizer"]["sweep"] = [1, 2]
+    assert load_config(_write(tmp_path, cfg)).optimizer.warmup == 3
+
+
+def test_new_keys_keep_old_fingerprints(tmp_path, good):
+    """Searches that use none of the later keys resume across the upgrade."""
+    import hashlib
+
+    cfg = load_config(_write(tmp_path, good))
+    # The fingerprint as computed before tokenizer/start/sweep/kwargs existed.
+    old = cfg.model_dump(
+        mode="json",
+        by_alias=True,
+        exclude={
+            "cache": True,
+            "tokenizer": True,
+            "optimizer": {"budget", "start", "sweep"},
+            "evaluation": {"tasks": {"__all__": {"kwargs", "test_kwargs"}}},
+        },
+    )
+    expected = hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:16]
+    assert cfg.fingerprint() == expected
+    swept = {**good, "optimizer": {"sweep": [2, 2]}}
+    assert load_config(_write(tmp_path, swept)).fingerprint() != expected

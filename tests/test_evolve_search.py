@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from conftest import check, run_tool
 from evolve_support import family as toy_family
 from evolve_support import search_config, write_config
 
-from mergekit_pcb.evolve.config import EvolveConfigError, load_config
+from mergekit_pcb.evolve.config import EvolveConfigError, TaskSpec, load_config
 from mergekit_pcb.evolve.search import RunOptions, run_search
 
 
@@ -53,7 +54,7 @@ def test_cli_search_beats_default_and_writes_outputs(toy, tmp_path):
     assert report["tasks_without_test_data"] == ["cipher"]
     assert "cipher" in report["warning"] and "cipher" in result.stderr
     history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
-    assert len(history) == 1 + 12 and history[0]["kind"] == "default"
+    assert len(history) == 12 and history[0]["kind"] == "default"  # budget: 12, exactly
     assert {"values", "scores", "objective", "seconds"} <= set(history[1])
     try:
         import matplotlib  # noqa: F401  (optional extra "plot")
@@ -88,15 +89,17 @@ def _history(out):
 
 def test_resume_replays_without_rescoring(toy, tmp_path):
     full = tmp_path / "full"
-    _run(toy, full, budget=6)
+    _run(toy, full, budget=7)
     reference = _history(full)
-    assert len(reference) == 7
+    assert len(reference) == 7  # the default and two generations of 3
 
-    # Stopped after one generation, then resumed with a larger budget.
+    # Stopped inside generation 0 (budget 3: the default and 2 of 3 members), then
+    # resumed with a larger budget: the generation is completed, then told to CMA-ES.
     part = tmp_path / "part"
     _run(toy, part, budget=3)
     first = (part / "history.jsonl").read_text()
-    report = _run(toy, part, budget=6, resume=True)
+    assert len(first.splitlines()) == 3
+    report = _run(toy, part, budget=7, resume=True)
     resumed = _history(part)
     assert (part / "history.jsonl").read_text().startswith(first)  # old lines untouched
     assert [e["x"] for e in resumed] == [e["x"] for e in reference]
@@ -108,7 +111,7 @@ def test_resume_replays_without_rescoring(toy, tmp_path):
     shutil.copytree(full, cut)
     lines = (cut / "history.jsonl").read_text().splitlines(keepends=True)
     (cut / "history.jsonl").write_text("".join(lines[:5]) + lines[5][:20])  # torn last line
-    _run(toy, cut, budget=6, resume=True)
+    _run(toy, cut, budget=7, resume=True)
     again = _history(cut)
     assert again[:5] == reference[:5]  # same seconds too: not re-evaluated
     assert sorted(e["member"] for e in again if e["generation"] == 1) == [0, 1, 2]
@@ -125,3 +128,113 @@ def test_refuses_existing_search_and_changed_config(toy, tmp_path):
     (out / "run.json").write_text('{"fingerprint": "0"}')
     with pytest.raises(EvolveConfigError, match="different config"):
         _run(toy, out, budget=3, resume=True, seed=4)
+
+
+def _python_search(toy, tmp_path, name, **overrides):
+    """A search whose tasks are python functions with kwargs, on a base without tokenizer."""
+    bare = tmp_path / "bare-base"
+    if not bare.exists():
+        shutil.copytree(toy["base"], bare, ignore=shutil.ignore_patterns("*token*", "*.model"))
+    (tmp_path / "kw_scorers.py").write_text(
+        "import toy\n"
+        "from mergekit_pcb.evolve.tasks import loss_scorer\n"
+        "SEEN = []\n"
+        "def score(model, tokenizer, task, n, shift=0.0):\n"
+        "    SEEN.append(tokenizer)\n"
+        "    rows = [{'text': e.prompt + e.answer} for e in toy.make_examples(task, n, 11)]\n"
+        "    return shift + loss_scorer(rows, toy.toy_tokenizer(), 64)(model)\n"
+    )
+    fn = "kw_scorers:score"
+    cfg = search_config(
+        toy,
+        base_model=str(bare),
+        evaluation={
+            "tasks": [
+                {
+                    "name": "a",
+                    "type": "python",
+                    "function": fn,
+                    "higher_is_better": False,
+                    "kwargs": {"task": "max", "n": 24},
+                },
+                {
+                    "name": "b",
+                    "type": "python",
+                    "function": fn,
+                    "higher_is_better": False,
+                    "kwargs": {"task": "max", "n": 24, "shift": 1.0},
+                    "test_function": fn,
+                    "test_kwargs": {"task": "max", "n": 24, "shift": 5.0},
+                },
+            ]
+        },
+        **overrides,
+    )
+    yml = write_config(tmp_path / f"{name}.yml", cfg)
+    return tmp_path / name, load_config(yml)
+
+
+def test_python_tasks_take_kwargs_and_need_no_tokenizer(toy, tmp_path):
+    out, cfg = _python_search(
+        toy, tmp_path, "py", optimizer={"budget": 3, "popsize": 2, "sigma": 0.3, "seed": 0}
+    )
+    report = run_search(cfg, out, RunOptions(progress=False, root=tmp_path))
+    seen = sys.modules["kw_scorers"].SEEN
+    assert seen and all(t is None for t in seen)  # no task tokenizes: none was loaded
+    history = _history(out)
+    assert len(history) == 3
+    for entry in history:  # the same function; only the kwargs differ
+        assert entry["scores"]["b"] == pytest.approx(entry["scores"]["a"] + 1.0, abs=1e-6)
+    tasks = report["tasks"]
+    assert tasks["b"]["default_test"] == pytest.approx(tasks["b"]["default_search"] + 4.0, abs=1e-6)
+
+
+def test_missing_tokenizer_fails_before_any_work(toy, tmp_path):
+    out, cfg = _python_search(toy, tmp_path, "tok", optimizer={"budget": 1})
+    loss_task = {"name": "c", "type": "loss", "data": str(toy["data"] / "max_val.jsonl")}
+    tasks = [*cfg.evaluation.tasks, TaskSpec.model_validate(loss_task)]
+    needs = cfg.model_copy(
+        update={"evaluation": cfg.evaluation.model_copy(update={"tasks": tasks})}
+    )
+    with pytest.raises(EvolveConfigError, match=r"tokenizer: cannot load .*bare-base.*task\(s\) c"):
+        run_search(needs, out, RunOptions(progress=False, root=tmp_path))
+    assert not out.exists()  # nothing written, no cache built
+    # The tokenizer key names where the tokenizer is: the same search then runs.
+    named = needs.model_copy(update={"tokenizer": toy["base"]})
+    report = run_search(named, out, RunOptions(progress=False, root=tmp_path))
+    assert report["candidates"] == 1
+    assert sys.modules["kw_scorers"].SEEN[-1] is not None  # python tasks get the named one
+
+
+def test_start_point_and_sweep_come_first_and_cma_starts_at_their_best(toy, tmp_path):
+    optimizer = {
+        "budget": 1 + 1 + 4 + 3,
+        "popsize": 3,
+        "sigma": 1e-4,  # gen 0 stays next to CMA's mean: the best warm-up point
+        "seed": 0,
+        "start": {"pcb_ratio": 0.3, "lambda": 2.0},
+        "sweep": [2, 2],
+    }
+    # An objective that grows with lambda, so the best warm-up point is not the default.
+    (tmp_path / "norm_scorer.py").write_text(
+        "def score(model, tokenizer):\n"
+        "    return float(sum(p.double().square().sum() for p in model.parameters()))\n"
+    )
+    task = {"name": "norm", "type": "python", "function": "norm_scorer:score"}
+    cfg = search_config(toy, optimizer=optimizer, evaluation={"tasks": [task]})
+    yml = write_config(tmp_path / "warm.yml", cfg)
+    out = tmp_path / "warm"
+    report = run_search(load_config(yml), out, RunOptions(progress=False, root=tmp_path))
+    history = _history(out)
+    assert [e["kind"] for e in history] == ["default", "start"] + ["sweep"] * 4 + ["search"] * 3
+    assert report["candidates"] == 9
+    # search_config: lambda [0.5, 2.5], pcb_ratio [0.05, 0.9], weight [0.5, 1.5].
+    assert history[1]["values"] == {"pcb_ratio": [0.3], "lambda": 2.0, "weight": [1.0, 1.0]}
+    grid = [(e["values"]["lambda"], e["values"]["pcb_ratio"][0]) for e in history[2:6]]
+    expected = [(lam, r) for lam in (1.0, 2.0) for r in (0.2625, 0.6875)]
+    assert grid == [pytest.approx(pair) for pair in expected]
+    assert all(e["values"]["weight"] == [1.0, 1.0] for e in history[2:6])
+    best_warm = max(history[:6], key=lambda e: e["objective"])
+    assert best_warm["kind"] != "default"  # else this test could not tell the start apart
+    for e in history[6:]:
+        assert e["x"] == pytest.approx(best_warm["x"], abs=1e-2)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import inspect
 import json
 import os
 import sys
@@ -136,6 +137,8 @@ class TaskSpec(_Strict):
     max_new_tokens: int | None = Field(default=None, ge=1)
     function: str | None = None
     test_function: str | None = None
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    test_kwargs: dict[str, Any] | None = None
     lm_eval_tasks: list[str] | None = None
     include_path: str | None = None
     metric: str | None = None
@@ -151,6 +154,8 @@ class TaskSpec(_Strict):
             raise ValueError(f"task '{self.name}' of type python needs 'function: module:name'")
         if t != "python" and (self.function or self.test_function):
             raise ValueError(f"task '{self.name}': 'function' is only for type python")
+        if t != "python" and (self.kwargs or self.test_kwargs is not None):
+            raise ValueError(f"task '{self.name}': 'kwargs'/'test_kwargs' are only for type python")
         if t == "lm_eval" and not self.lm_eval_tasks:
             raise ValueError(f"task '{self.name}' of type lm_eval needs 'lm_eval_tasks: [names]'")
         if t != "lm_eval" and (self.lm_eval_tasks or self.include_path or self.metric):
@@ -175,6 +180,17 @@ class TaskSpec(_Strict):
     def floor(self) -> float:
         return self.scale_floor if self.scale_floor is not None else DEFAULT_SCALE_FLOOR[self.type]
 
+    def call_kwargs(self, split: str) -> dict[str, Any]:
+        """Keyword arguments of a python task's function on ``split`` ('search' or 'test')."""
+        if split == "test" and self.test_kwargs is not None:
+            return dict(self.test_kwargs)
+        return dict(self.kwargs)
+
+    @property
+    def needs_tokenizer(self) -> bool:
+        """python tasks get ``tokenizer=None`` unless a ``tokenizer:`` key names one."""
+        return self.type != "python"
+
     @property
     def has_test(self) -> bool:
         if self.type == "python":
@@ -196,16 +212,43 @@ class Evaluation(_Strict):
         return self
 
 
+class StartPoint(_Strict):
+    """Where CMA-ES starts instead of PCB's defaults; unnamed quantities keep the default."""
+
+    pcb_ratio: float | None = None
+    lambda_: float | None = Field(default=None, alias="lambda")
+    weight: float | list[float] | None = None
+
+
 class Optimizer(_Strict):
+    """``budget`` counts every scored candidate: the default, ``start``, the sweep, CMA-ES."""
+
     budget: int = Field(default=60, ge=1)
     popsize: int = Field(default=8, ge=2)
     sigma: float = Field(default=0.2, gt=0, le=1)
     seed: int = Field(default=0, ge=0)
+    start: StartPoint | None = None
+    # [lambda points, pcb_ratio points] of a coarse grid scored before CMA-ES starts.
+    sweep: list[int] | None = None
+
+    @field_validator("sweep")
+    @classmethod
+    def _sweep(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None and (len(value) != 2 or min(value) < 1):
+            raise ValueError(
+                f"optimizer.sweep: got {value!r}; allowed: [lambda points, pcb_ratio points], "
+                "each >= 1"
+            )
+        return value
 
     @property
-    def generations(self) -> int:
-        """Whole generations only (CMA-ES updates per full population), at least one."""
-        return max(1, self.budget // self.popsize)
+    def sweep_size(self) -> int:
+        return self.sweep[0] * self.sweep[1] if self.sweep else 0
+
+    @property
+    def warmup(self) -> int:
+        """Candidates scored before CMA-ES: the default, the start point, the sweep."""
+        return 1 + (self.start is not None) + self.sweep_size
 
 
 class CacheOptions(_Strict):
@@ -224,6 +267,9 @@ class EvolveConfig(_Strict):
     device: str = "cpu"
     cache: CacheOptions = Field(default_factory=CacheOptions)
     trust_remote_code: bool = False
+    # Where the tokenizer comes from (default: base_model); only task types that
+    # tokenize (every type but python) load one unless this key is given.
+    tokenizer: str | None = None
 
     @model_validator(mode="after")
     def _distinct_models(self) -> EvolveConfig:
@@ -233,10 +279,64 @@ class EvolveConfig(_Strict):
             raise ValueError("models: the base_model must not also be listed in models")
         return self
 
+    @model_validator(mode="after")
+    def _optimizer_fits(self) -> EvolveConfig:
+        opt = self.optimizer
+        if opt.budget < opt.warmup:
+            raise ValueError(
+                f"optimizer.budget: {opt.budget} is less than the {opt.warmup} candidates "
+                "scored before CMA-ES (the default, start and sweep); raise it to at least "
+                f"{opt.warmup}"
+            )
+        if opt.sweep:
+            for name, points in zip(("lambda", "pcb_ratio"), opt.sweep, strict=True):
+                low, high = self.search.range(name)
+                if points > 1 and low == high:
+                    raise ValueError(
+                        f"optimizer.sweep: {points} {name} points, but search.{name} is fixed "
+                        f"at {low}; use 1"
+                    )
+        start = opt.start
+        if start is not None:
+            given = {"pcb_ratio": start.pcb_ratio, "lambda": start.lambda_}
+            weights = start.weight
+            if isinstance(weights, list):
+                if len(weights) != len(self.models):
+                    raise ValueError(
+                        f"optimizer.start.weight: {len(weights)} values for "
+                        f"{len(self.models)} models; give one per model or one number"
+                    )
+                given.update({f"weight[{i}]": w for i, w in enumerate(weights)})
+            elif weights is not None:
+                given["weight"] = weights
+            for key, value in given.items():
+                if value is None:
+                    continue
+                low, high = self.search.range(key.split("[")[0])
+                if not low <= value <= high:
+                    raise ValueError(
+                        f"optimizer.start.{key}: {value} is outside search."
+                        f"{key.split('[')[0]} = [{low}, {high}]"
+                    )
+        return self
+
     def fingerprint(self) -> str:
         """Identifies a search for --resume: everything except the optimizer budget."""
         data = self.model_dump(mode="json", by_alias=True, exclude={"cache"})
         data["optimizer"].pop("budget")
+        # Keys added later leave the fingerprints of searches that do not use them unchanged.
+        for section, key, unset in (
+            (data, "tokenizer", None),
+            (data["optimizer"], "start", None),
+            (data["optimizer"], "sweep", None),
+            *(
+                (t, k, u)
+                for t in data["evaluation"]["tasks"]
+                for k, u in (("kwargs", {}), ("test_kwargs", None))
+            ),
+        ):
+            if section.get(key, unset) == unset:
+                section.pop(key, None)
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -300,6 +400,7 @@ def load_config(path: os.PathLike, *, check_data: bool = True) -> EvolveConfig:
     cfg = cfg.model_copy(
         update={
             "base_model": _resolve(cfg.base_model, root),
+            "tokenizer": _resolve(cfg.tokenizer, root) if cfg.tokenizer else None,
             "models": [_resolve(m, root) for m in cfg.models],
             "evaluation": cfg.evaluation.model_copy(update={"tasks": tasks}),
             "cache": cfg.cache.model_copy(
@@ -313,6 +414,23 @@ def load_config(path: os.PathLike, *, check_data: bool = True) -> EvolveConfig:
     return cfg
 
 
+def _check_call(task: TaskSpec, target: str, kwargs: dict[str, Any], root: Path) -> None:
+    """The function imports and accepts ``(model, tokenizer, **kwargs)``, before any model loads."""
+    fn = import_target(target, root)
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):  # some builtins have no signature: nothing to check
+        return
+    try:
+        signature.bind(None, None, **kwargs)
+    except TypeError as exc:
+        given = ", ".join(sorted(kwargs)) or "none"
+        raise EvolveConfigError(
+            f"task '{task.name}': {target}{signature} cannot be called as "
+            f"(model, tokenizer, **kwargs) with kwargs {given}: {exc}"
+        ) from None
+
+
 def check_task(task: TaskSpec, root: Path) -> None:
     """Reads every data line once, so a malformed line fails now, with file and line."""
     if task.type in NEEDS_DATA:
@@ -323,9 +441,9 @@ def check_task(task: TaskSpec, root: Path) -> None:
                 except DataError as exc:
                     raise EvolveConfigError(f"task '{task.name}': {exc}") from None
     elif task.type == "python":
-        import_target(task.function, root)
+        _check_call(task, task.function, task.call_kwargs("search"), root)
         if task.test_function:
-            import_target(task.test_function, root)
+            _check_call(task, task.test_function, task.call_kwargs("test"), root)
     elif task.type == "lm_eval":
         try:
             import lm_eval  # noqa: F401

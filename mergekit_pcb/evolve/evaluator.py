@@ -13,18 +13,41 @@ import torch
 
 from mergekit_pcb.evolve.cache import TensorCache
 from mergekit_pcb.evolve.candidate import ModelWriter
-from mergekit_pcb.evolve.config import EvolveConfig
+from mergekit_pcb.evolve.config import EvolveConfig, EvolveConfigError
 from mergekit_pcb.evolve.layout import Values
 from mergekit_pcb.evolve.tasks import checked, make_scorer
 
 
-def load_model(cfg: EvolveConfig):
-    from mergekit.common import dtype_from_name
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_tokenizer(cfg: EvolveConfig):
+    """The tokenizer, or None when no task tokenizes and no ``tokenizer:`` key names one.
 
-    tokenizer = AutoTokenizer.from_pretrained(
-        cfg.base_model, trust_remote_code=cfg.trust_remote_code
-    )
+    Called by the search before anything is written or cached, so a base folder
+    without tokenizer files fails at once, with the key to fix, not after the cache.
+    """
+    if cfg.tokenizer is None and not any(t.needs_tokenizer for t in cfg.evaluation.tasks):
+        return None
+    from transformers import AutoTokenizer
+
+    source = cfg.tokenizer or cfg.base_model
+    try:
+        return AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
+    except Exception as exc:  # missing files, sentencepiece, ...: the user's to fix
+        users = [t.name for t in cfg.evaluation.tasks if t.needs_tokenizer]
+        why = f"task(s) {', '.join(users)} tokenize text" if users else "the tokenizer key"
+        cause = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise EvolveConfigError(
+            f"tokenizer: cannot load a tokenizer from '{source}' (needed by {why}): {cause}. "
+            "Name a folder or hub id with tokenizer files in the 'tokenizer:' key; "
+            "python tasks alone need none"
+        ) from None
+
+
+def load_model(cfg: EvolveConfig, tokenizer=None):
+    from mergekit.common import dtype_from_name
+    from transformers import AutoModelForCausalLM
+
+    if tokenizer is None:
+        tokenizer = load_tokenizer(cfg)
     model = AutoModelForCausalLM.from_pretrained(
         cfg.base_model, dtype=dtype_from_name(cfg.dtype), trust_remote_code=cfg.trust_remote_code
     ).to(cfg.device)

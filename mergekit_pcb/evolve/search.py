@@ -93,6 +93,9 @@ def run_search(cfg: EvolveConfig, out: Path, opts: RunOptions) -> dict:
     import cma
 
     out = Path(out)
+    from mergekit_pcb.evolve.evaluator import load_tokenizer
+
+    load_tokenizer(cfg)  # fails now, before run.json or the cache, if it cannot load
     history = _prepare_out(cfg, out, opts.resume)
     for task in cfg.evaluation.tasks:
         if not task.has_test:
@@ -147,6 +150,51 @@ def run_search(cfg: EvolveConfig, out: Path, opts: RunOptions) -> dict:
         pool.close()
 
 
+def _warmup(cfg: EvolveConfig, genome: Genome, default_values) -> list[tuple[str, int, object]]:
+    """(kind, member, values) scored after the default and before CMA-ES, in order.
+
+    ``optimizer.start`` is one point (unnamed quantities at PCB's defaults);
+    ``optimizer.sweep: [a, b]`` is an a x b grid over lambda and pcb_ratio at the
+    midpoints of equal bins of each searched range (one point: the start's value),
+    with every layer group at one ratio and the weights at the start's values.
+    Everything is clipped into the searched ranges.
+    """
+    from mergekit_pcb.evolve.layout import Values
+
+    opt = cfg.optimizer
+    base = default_values
+    if opt.start is not None:
+        weights = opt.start.weight
+        if weights is None:
+            weights = base.weights
+        elif not isinstance(weights, list):
+            weights = (weights,) * len(base.weights)
+        base = Values(
+            (opt.start.pcb_ratio,) * len(base.pcb_ratio)
+            if opt.start.pcb_ratio is not None
+            else base.pcb_ratio,
+            opt.start.lambda_ if opt.start.lambda_ is not None else base.lambda_,
+            tuple(float(w) for w in weights),
+        )
+    base = genome.decode(genome.encode(base))
+    points = [("start", 0, base)] if opt.start is not None else []
+    if opt.sweep:
+
+        def axis(name: str, n: int, at: float) -> list[float]:
+            low, high = cfg.search.range(name)
+            return [at] if n == 1 else [low + (i + 0.5) * (high - low) / n for i in range(n)]
+
+        lambdas = axis("lambda", opt.sweep[0], base.lambda_)
+        ratios = axis("pcb_ratio", opt.sweep[1], base.pcb_ratio[0])
+        member = 0
+        for lam in lambdas:
+            for ratio in ratios:
+                values = Values((ratio,) * len(base.pcb_ratio), lam, base.weights)
+                points.append(("sweep", member, genome.decode(genome.encode(values))))
+                member += 1
+    return points
+
+
 def _optimise(cfg, out, opts, history, layout, groups, cache, genome, pool, cma) -> dict:
     tasks = cfg.evaluation.tasks
     default_values = layout_mod.default_values(cfg, layout.groups)
@@ -169,46 +217,71 @@ def _optimise(cfg, out, opts, history, layout, groups, cache, genome, pool, cma)
     objective = Objective.from_default(tasks, default["scores"])
 
     opt = cfg.optimizer
-    es = cma.CMAEvolutionStrategy(
-        genome.encode(default_values),
-        opt.sigma,
-        {"bounds": [0, 1], "popsize": opt.popsize, "seed": opt.seed + 1, "verbose": -9},
-    )
-    total = opt.generations * opt.popsize
-    done_before = sum(1 for e in history.entries if e["kind"] == "search")
-    with _bar(total, min(done_before, total), "search", opts.progress) as bar:
-        for g in range(opt.generations):
+    # ``budget`` counts every candidate: what the warm-up does not use, CMA-ES gets.
+    searched = opt.budget - opt.warmup
+    done_before = len(history.entries) - 1
+    with _bar(opt.budget - 1, min(done_before, opt.budget - 1), "search", opts.progress) as bar:
+
+        def record(kind, generation, member, x, values, result):
+            scores, seconds = result
+            history.append(
+                {
+                    "index": len(history.entries),
+                    "kind": kind,
+                    "generation": generation,
+                    "member": member,
+                    "x": x,
+                    "values": values.to_json(),
+                    "scores": scores,
+                    "objective": objective(scores),
+                    "seconds": seconds,
+                }
+            )
+            bar.update(1)
+            bar.set_postfix(best=f"{_best(history)['objective']:.4f}")
+
+        warm = _warmup(cfg, genome, default_values)
+        seen = {(e["kind"], e["member"]) for e in history.entries if e["generation"] == -1}
+        todo = [(k, m, v) for k, m, v in warm if (k, m) not in seen]
+        if todo:
+            pool.evaluate(
+                [v for _, _, v in todo],
+                "search",
+                lambda i, result: record(
+                    todo[i][0], -1, todo[i][1], genome.encode(todo[i][2]), todo[i][2], result
+                ),
+            )
+        # CMA-ES starts at the best warm-up candidate (the default when there is none).
+        start = max(
+            (e for e in history.entries if e["generation"] == -1), key=lambda e: e["objective"]
+        )
+        es = cma.CMAEvolutionStrategy(
+            genome.encode(layout_mod.Values.from_json(start["values"])),
+            opt.sigma,
+            {"bounds": [0, 1], "popsize": opt.popsize, "seed": opt.seed + 1, "verbose": -9},
+        )
+        g = 0
+        while g * opt.popsize < searched:
+            # The last generation may be partial (budget is exact); CMA-ES is not told it.
+            size = min(opt.popsize, searched - g * opt.popsize)
             xs = [list(map(float, x)) for x in es.ask()]
             recorded = history.generation(g)
             for member, entry in recorded.items():
                 xs[member] = entry["x"]  # replay: CMA is told exactly what was scored
-            missing = [m for m in range(opt.popsize) if m not in recorded]
+            missing = [m for m in range(size) if m not in recorded]
             batch = [genome.decode(xs[m]) for m in missing]
-
-            def finished(i, result, g=g, missing=missing, batch=batch, xs=xs):
-                scores, seconds = result
-                member = missing[i]
-                history.append(
-                    {
-                        "index": len(history.entries),
-                        "kind": "search",
-                        "generation": g,
-                        "member": member,
-                        "x": xs[member],
-                        "values": batch[i].to_json(),
-                        "scores": scores,
-                        "objective": objective(scores),
-                        "seconds": seconds,
-                    }
-                )
-                bar.update(1)
-
             if batch:
-                pool.evaluate(batch, "search", finished)
-            fitness = {e["member"]: e["objective"] for e in history.generation(g).values()}
-            es.tell([x for x in xs], [-fitness[m] for m in range(opt.popsize)])
-            best_g = max(fitness.values())
-            bar.set_postfix(best=f"{max(best_g, _best(history)['objective']):.4f}")
+                pool.evaluate(
+                    batch,
+                    "search",
+                    lambda i, result, g=g, missing=missing, batch=batch, xs=xs: record(
+                        "search", g, missing[i], xs[missing[i]], batch[i], result
+                    ),
+                )
+            if size == opt.popsize:
+                fitness = {e["member"]: e["objective"] for e in history.generation(g).values()}
+                es.tell(list(xs), [-fitness[m] for m in range(opt.popsize)])
+            g += 1
     return _finish(cfg, out, opts, history, layout, groups, cache, objective, default, pool)
 
 

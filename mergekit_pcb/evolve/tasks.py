@@ -197,7 +197,8 @@ def make_scorer(spec: TaskSpec, split: str, model, tokenizer, root: Path | None)
     """The scorer of ``spec`` on ``split`` ('search' or 'test')."""
     if spec.type == "python":
         fn = import_target(spec.function if split == "search" else spec.test_function, root)
-        return lambda m: float(fn(m, tokenizer))
+        kwargs = spec.call_kwargs(split)
+        return lambda m: float(fn(m, tokenizer, **kwargs))
     if spec.type == "lm_eval":
         return lm_eval_scorer(spec, tokenizer, model, spec.limit)
     path = spec.data if split == "search" else spec.test_data
