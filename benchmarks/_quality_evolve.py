@@ -1,7 +1,8 @@
 """The ``pcb + evolve`` row: ``mergekit-pcb evolve`` tunes PCB on the validation split.
 
 The search gets the same number of scored candidates as the grid methods get grid
-points, and scores them with the same validation examples (exact match per task,
+points (or a multiple: the ``(4x)`` row), a coarse lambda x pcb_ratio sweep among
+them, and scores them with the same validation examples (exact match per task,
 teacher-forced, as :func:`mergekit_pcb.toy.correct`); its ``best.yml`` is then
 merged by mergekit's own pipeline and scored once on the test split.
 """
@@ -49,6 +50,7 @@ def search(
     scales: tuple[float, ...],
     densities: tuple[float, ...],
     seed: int,
+    sweep: list[int] | None = None,
 ) -> dict:
     """Run the search; return the mergekit config it found (``best.yml`` as a dict)."""
     workdir.mkdir(parents=True, exist_ok=True)
@@ -60,7 +62,7 @@ def search(
         "search": {
             "pcb_ratio": [min(densities), max(densities)],
             "lambda": [min(scales), max(scales)],
-            "weight": [0.5, 1.5],
+            "weight": [0.7, 1.3],
         },
         "evaluation": {
             "tasks": [
@@ -68,7 +70,14 @@ def search(
                 for t in tasks
             ]
         },
-        "optimizer": {"budget": budget, "popsize": 6, "seed": seed},
+        # A coarse lambda x pcb_ratio sweep first (weights at 1): CMA-ES starts at its best
+        # point instead of PCB's defaults, which lie far from this regime's optimum.
+        "optimizer": {
+            "budget": budget,
+            "popsize": 6,
+            "seed": seed,
+            **({"sweep": list(sweep)} if sweep else {}),
+        },
         "dtype": "float32",
     }
     search_yml = workdir / "search.yml"

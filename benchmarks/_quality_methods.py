@@ -52,6 +52,8 @@ class Method:
     # method looks beyond one tensor group, as pcb_scope: model does; "evolve": tuned
     # by ``mergekit-pcb evolve`` instead of the grid (see _quality_evolve.py).
     via: str = "api"
+    # For via="evolve": the search's budget in units of PCB's grid size.
+    budget_factor: int = 1
 
 
 METHODS: tuple[Method, ...] = (
@@ -69,6 +71,13 @@ METHODS: tuple[Method, ...] = (
         via="run_merge",
     ),
     Method("pcb + evolve", "pcb", via="evolve", available=_quality_evolve.available),
+    Method(
+        "pcb + evolve (4x)",
+        "pcb",
+        via="evolve",
+        available=_quality_evolve.available,
+        budget_factor=4,
+    ),
 )
 
 

@@ -94,6 +94,7 @@ def summarize(result: dict) -> dict:
                 for row in rows[0]["sweep"]
             ],
         }
+    summary["verdicts"] = verdicts(summary)
     return summary
 
 
@@ -173,6 +174,47 @@ def _replay_line(r: dict) -> str:
     )
 
 
+def _trainable(r: dict) -> str:
+    rank = r.get("expert_lora_rank", 0)
+    if rank:
+        return (
+            f"LoRA rank {rank} on every attention and MLP projection (peft), merged into the "
+            "dense weights"
+        )
+    return r["expert_trainable"] or "all"
+
+
+def verdicts(summary: dict) -> dict:
+    """The issue's two questions per regime: does merging work here, and PCB >= TIES + 2?"""
+    methods, comps = summary["methods"], summary["comparisons"]
+    out = {}
+    ta = methods.get("task_arithmetic", {}).get("gain_kept")
+    if ta is not None:
+        out["task_arithmetic_gain_kept"] = ta
+        out["merging_works"] = ta >= 0.5
+    if "pcb - ties" in comps:
+        out["pcb_minus_ties_points"] = comps["pcb - ties"]["points"]
+        out["pcb_ge_ties_plus_2"] = comps["pcb - ties"]["points"] >= 2.0
+    return out
+
+
+def verdict_lines(summary: dict) -> str:
+    v = summary.get("verdicts") or verdicts(summary)
+    out = []
+    if "merging_works" in v:
+        out.append(
+            f"- Merging works here (Task Arithmetic keeps >= 50% of the experts' gain): "
+            f"{'yes' if v['merging_works'] else 'no'}, it keeps "
+            f"{_pct(v['task_arithmetic_gain_kept'])}%."
+        )
+    if "pcb_ge_ties_plus_2" in v:
+        out.append(
+            f"- PCB >= TIES + 2 points (the paper's margin on ViT-B/32 was +3.9): "
+            f"{'yes' if v['pcb_ge_ties_plus_2'] else 'no'} ({v['pcb_minus_ties_points']:+.2f})."
+        )
+    return "\n".join(out)
+
+
 def markdown(summary: dict) -> str:
     r = summary["regime"]
     m = summary["machine"]
@@ -218,6 +260,8 @@ def markdown(summary: dict) -> str:
         "",
         gains,
         "",
+        verdict_lines(summary),
+        "",
         "## Setup",
         "",
         f"- Tasks: {', '.join(tasks)} (see `mergekit_pcb/toy.py`); one format `T:DIGITS=ANSWER`.",
@@ -226,7 +270,7 @@ def markdown(summary: dict) -> str:
         f"- Base: {r['base_steps']} AdamW steps at lr {r['base_lr']:g} on an equal mixture of "
         "all tasks (batch {0}).".format(r["batch_size"]),
         f"- Experts: {r['expert_steps']} steps at lr {r['expert_lr']:g} on one task each, "
-        f"trainable parameters: {r['expert_trainable'] or 'all'}; seeds {list(r['seeds'])} "
+        f"trainable parameters: {_trainable(r)}; seeds {list(r['seeds'])} "
         "change the experts' data and order. " + _replay_line(r),
         f"- Tuning grid, the same for every method: scale (`lambda`) in {list(r['scales'])}; "
         f"kept fraction (TIES/DARE `density`, PCB `pcb_ratio`) in {list(r['densities'])}. "
@@ -242,7 +286,7 @@ def markdown(summary: dict) -> str:
         "![normalised accuracy](quality.png)",
         "",
     ]
-    if NOTES.exists():
+    if NOTES.exists() and r["name"] in ("full", "distilled"):  # the notes are about it
         parts += [NOTES.read_text().rstrip(), ""]
     return "\n".join(parts)
 

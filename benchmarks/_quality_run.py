@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import platform
@@ -16,8 +17,8 @@ import torch
 from _quality_methods import METHODS, Method, configurations, merge, run_merge_config, scored
 from _quality_report import bootstrap_difference, rewrite_report, write_outputs
 from _quality_setup import (
-    FULL,
-    QUICK,
+    QUICK_REGIMES,
+    REGIMES,
     VAL_SEED,
     Regime,
     bench,
@@ -28,6 +29,8 @@ from _quality_setup import (
 from mergekit_pcb.tiny import save_model
 
 HERE = Path(__file__).resolve().parent
+# The search's warm-up: a 3 x 3 lambda x pcb_ratio sweep (9 of the grid-size budget).
+SWEEP = (3, 3)
 METHODS_BY_LABEL = {m.label: m for m in METHODS}
 
 
@@ -63,20 +66,27 @@ def _save_checkpoints(model, tokenizer, base_state, experts, root: Path) -> dict
     return paths
 
 
+def _sweep(budget: int) -> tuple[int, int]:
+    """SWEEP where it leaves CMA-ES at least as many candidates as it takes, else 2 x 2."""
+    return SWEEP if budget >= 2 * (1 + SWEEP[0] * SWEEP[1]) else (2, 2)
+
+
 def _evolve(method, regime, seed, on_disk, tasks, evaluate, own_val, cache_dir):
     """Tune with the search (as many candidates as PCB's grid has points); merge its best."""
     val, _ = splits(regime)
-    budget = len(configurations(METHODS_BY_LABEL["pcb"], regime.scales, regime.densities))
+    grid = len(configurations(METHODS_BY_LABEL["pcb"], regime.scales, regime.densities))
+    slug = "".join(c if c.isalnum() else "-" for c in method.label)
     config = _quality_evolve.search(
-        cache_dir / f"evolve-seed{seed}-{regime.name}",
+        cache_dir / f"{slug}-seed{seed}-{regime.name}",
         on_disk,
         tasks,
         n_val=regime.n_val,
         val_seed=VAL_SEED,
-        budget=budget,
+        budget=grid * method.budget_factor,
         scales=regime.scales,
         densities=regime.densities,
         seed=seed,
+        sweep=_sweep(grid * method.budget_factor),
     )
     state = run_merge_config(config)
     acc = _mean(evaluate(state, val, regime.n_val))
@@ -170,11 +180,11 @@ def run(regime: Regime, out_dir: Path, methods: tuple[Method, ...], log=print) -
 
     comparisons = {}
     labels = {m.label for m in active}
-    for other in ("ties", "task_arithmetic"):
-        if {"pcb", other} <= labels:
-            comparisons[f"pcb - {other}"] = bootstrap_difference(
-                per_seed, "pcb", other, regime.bootstrap
-            )
+    pairs = [("pcb", "ties"), ("pcb", "task_arithmetic"), ("pcb", "dare_ties")]
+    pairs += [("pcb (model scope)", "pcb"), ("pcb + evolve", "pcb"), ("pcb + evolve (4x)", "pcb")]
+    for a, b in pairs:
+        if {a, b} <= labels:
+            comparisons[f"{a} - {b}"] = bootstrap_difference(per_seed, a, b, regime.bootstrap)
     return {
         "regime": regime.describe(),
         "cache_dir": str(family.cache_dir),
@@ -196,8 +206,23 @@ def run(regime: Regime, out_dir: Path, methods: tuple[Method, ...], log=print) -
     }
 
 
+def _out_for(out_dir: Path, regime_name: str) -> Path:
+    """distilled (the first published regime) writes OUT itself; the others OUT/<name>."""
+    return out_dir if regime_name == "distilled" else out_dir / regime_name
+
+
 @click.command()
 @click.option("--quick", is_flag=True, help="1 seed, 3 tasks, small grid (what the tests run).")
+@click.option(
+    "--regime",
+    "regime_name",
+    type=click.Choice([*REGIMES, "all"]),
+    default="distilled",
+    show_default=True,
+    help="How the experts are trained: distilled (KL replay of the base), replay (50% replay "
+    "of the base's mixture), lora (rank-8 LoRA with that replay), or all three. Results of "
+    "regimes other than distilled go to OUT/<regime>/.",
+)
 @click.option(
     "--out",
     "out_dir",
@@ -219,19 +244,41 @@ def run(regime: Regime, out_dir: Path, methods: tuple[Method, ...], log=print) -
     is_flag=True,
     help="Rebuild RESULTS.md and quality.png from OUT/results.json (after editing the notes).",
 )
-def main(quick: bool, out_dir: Path | None, threads: int, no_plot: bool, report_only: bool) -> None:
+def main(
+    quick: bool,
+    regime_name: str,
+    out_dir: Path | None,
+    threads: int,
+    no_plot: bool,
+    report_only: bool,
+) -> None:
     """Train tiny task experts, merge them with every method, report exact match."""
     if quick and out_dir is None:
         raise click.UsageError("--quick needs --out DIR (the published results stay untouched)")
     out_dir = out_dir or HERE
+    names = list(REGIMES) if regime_name == "all" else [regime_name]
+    if not no_plot and importlib.util.find_spec("matplotlib") is None:
+        click.echo(
+            "warning: matplotlib is not installed (pip install 'mergekit-pcb[plot]'); "
+            "no plot is drawn",
+            err=True,
+        )
+        no_plot = True
     if report_only:
-        rewrite_report(out_dir, plot_png=not no_plot)
+        for name in names:
+            rewrite_report(_out_for(out_dir, name), plot_png=not no_plot)
         return
-    out_dir.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(threads)
-    torch.manual_seed(0)
-    regime = QUICK if quick else FULL
-    result = run(regime, out_dir, METHODS, log=lambda msg: click.echo(msg, err=True))
-    result["command"] = shlex.join(["python", "benchmarks/quality.py", *sys.argv[1:]])
-    write_outputs(result, out_dir, plot_png=not no_plot)
-    click.echo(json.dumps({"out": str(out_dir), "wall_seconds": round(result["wall_seconds"])}))
+    for name in names:
+        torch.manual_seed(0)
+        regime = QUICK_REGIMES[name] if quick else REGIMES[name]
+        target = _out_for(out_dir, name)
+        target.mkdir(parents=True, exist_ok=True)
+        result = run(regime, target, METHODS, log=lambda msg: click.echo(msg, err=True))
+        result["command"] = shlex.join(["python", "benchmarks/quality.py", *sys.argv[1:]])
+        write_outputs(result, target, plot_png=not no_plot)
+        click.echo(
+            json.dumps(
+                {"regime": name, "out": str(target), "wall_seconds": round(result["wall_seconds"])}
+            )
+        )

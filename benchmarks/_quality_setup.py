@@ -53,6 +53,9 @@ class Regime:
     # "data": the true answers (the expert then also improves the other tasks).
     expert_replay: float = 0.0
     replay_source: str = "base"
+    # > 0: experts are LoRA adapters of this rank on every attention and MLP projection
+    # (peft), merged into the dense weights before mergekit sees them; 0: full fine-tuning.
+    expert_lora_rank: int = 0
     batch_size: int = 64
     train_per_task: int = 4000
     # Evaluation (not part of the cache key).
@@ -75,6 +78,7 @@ class Regime:
             "expert_trainable",
             "expert_replay",
             "replay_source",
+            "expert_lora_rank",
             "batch_size",
             "train_per_task",
         ),
@@ -96,7 +100,7 @@ class Regime:
 
 
 FULL = Regime(
-    name="full",
+    name="distilled",
     tasks=toy.DEFAULT_TASKS,
     hidden_size=128,
     num_layers=2,
@@ -108,8 +112,16 @@ FULL = Regime(
     expert_trainable=None,
     expert_replay=0.5,
     replay_source="kl",
+    seeds=(0, 1, 2, 3, 4),
     scales=(0.25, 0.35, 0.5, 0.7, 1.0, 1.4, 2.0),
 )
+# Full fine-tuning with half of every batch replaying the base's training mixture (the
+# other tasks, true answers): the usual recipe against forgetting, no distillation.
+REPLAY = replace(FULL, name="replay", expert_replay=0.5, replay_source="data")
+# LoRA experts (rank 8, attention and MLP projections) with the same replay, merged into
+# the dense weights: what most community fine-tunes are by the time they are merged.
+LORA = replace(REPLAY, name="lora", expert_lora_rank=8, expert_lr=1e-3)
+REGIMES = {r.name: r for r in (FULL, REPLAY, LORA)}
 # The same recipe on 3 tasks, 1 seed, shorter experts and a smaller grid.
 QUICK = replace(
     FULL,
@@ -123,6 +135,13 @@ QUICK = replace(
     densities=(0.1, 0.4),
     bootstrap=500,
 )
+QUICK_REGIMES = {
+    "distilled": QUICK,
+    "replay": replace(QUICK, name="quick-replay", replay_source="data"),
+    "lora": replace(
+        QUICK, name="quick-lora", replay_source="data", expert_lora_rank=8, expert_lr=1e-3
+    ),
+}
 
 
 def cache_root() -> Path:
@@ -264,19 +283,19 @@ def build_family(regime: Regime, *, log=print) -> Family:
                     )
                 else:
                     data += replay(task, seed)
-                toy.train(
-                    model,
-                    tokenizer,
-                    data,
+                common = dict(
                     **distill,
                     steps=regime.expert_steps,
                     lr=regime.expert_lr,
                     batch_size=regime.batch_size,
                     seed=seed,
                     warmup=10,
-                    trainable=regime.expert_trainable,
                 )
-                return model.state_dict()
+                if regime.expert_lora_rank:
+                    toy.train_lora(model, tokenizer, data, rank=regime.expert_lora_rank, **common)
+                else:
+                    toy.train(model, tokenizer, data, trainable=regime.expert_trainable, **common)
+                return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
             state, seconds = _cached(root / f"expert-{task}-seed{seed}.safetensors", train_expert)
             spent += seconds

@@ -48,7 +48,13 @@ def test_structure(quick):
         row = res["methods"][label]
         assert {"normalized_mean", "normalized_std", "per_task", "chosen"} <= set(row)
         assert set(row["per_task"]) == set(res["tasks"])
-    assert set(res["comparisons"]) == {"pcb - ties", "pcb - task_arithmetic"}
+    assert {"pcb - ties", "pcb - task_arithmetic", "pcb - dare_ties"} <= set(res["comparisons"])
+    verdicts = res["verdicts"]
+    ta_kept = res["methods"]["task_arithmetic"]["gain_kept"]
+    assert verdicts["task_arithmetic_gain_kept"] == ta_kept
+    assert verdicts["merging_works"] == (ta_kept >= 0.5)
+    gap = res["comparisons"]["pcb - ties"]["points"]
+    assert verdicts["pcb_ge_ties_plus_2"] == (gap >= 2.0)
 
 
 def test_accuracies_are_rates_and_experts_beat_base(quick):
@@ -88,7 +94,7 @@ def test_tuning_stays_on_the_declared_grid(quick):
     scales = set(res["regime"]["scales"])
     densities = set(res["regime"]["densities"])
     for label, row in res["methods"].items():
-        if label == "pcb + evolve":  # continuous search, checked below
+        if label.startswith("pcb + evolve"):  # continuous search, checked below
             continue
         sweep = row["sweep_seed0"]
         (chosen,) = row["chosen"]
@@ -108,14 +114,16 @@ def test_tuning_stays_on_the_declared_grid(quick):
 
 def test_evolve_row_stays_in_the_searched_ranges(quick):
     _, res = quick
-    row = res["methods"].get("pcb + evolve")
-    if row is None:
+    rows = [res["methods"].get(label) for label in ("pcb + evolve", "pcb + evolve (4x)")]
+    if None in rows:
         pytest.skip("mergekit_pcb.evolve is not in this checkout")
-    (chosen,) = row["chosen"]
-    scales, densities = res["regime"]["scales"], res["regime"]["densities"]
-    assert min(scales) - 1e-6 <= chosen["lambda"] <= max(scales) + 1e-6
-    assert min(densities) - 1e-6 <= chosen["pcb_ratio"] <= max(densities) + 1e-6
-    assert len(chosen["weights"]) == len(res["tasks"])
+    for row in rows:
+        (chosen,) = row["chosen"]
+        scales, densities = res["regime"]["scales"], res["regime"]["densities"]
+        assert min(scales) - 1e-6 <= chosen["lambda"] <= max(scales) + 1e-6
+        assert min(densities) - 1e-6 <= chosen["pcb_ratio"] <= max(densities) + 1e-6
+        assert len(chosen["weights"]) == len(res["tasks"])
+        assert all(0.7 - 1e-6 <= w <= 1.3 + 1e-6 for w in chosen["weights"])
 
 
 def test_bootstrap_interval_brackets_the_gap(quick):
