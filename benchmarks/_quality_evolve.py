@@ -57,6 +57,7 @@ def search(
     (workdir / f"{SCORER_MODULE}.py").write_text(_scorer_module(tasks, n_val, val_seed))
     config = {
         "base_model": str(on_disk["__base__"]),
+        "tokenizer": str(on_disk["__base__"]),  # the scorers tokenize: python tasks get it
         "models": [str(on_disk[t]) for t in tasks],
         # The same ranges the grid methods sweep, as continuous intervals.
         "search": {
