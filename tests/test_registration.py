@@ -261,4 +261,15 @@ def test_wheel_ships_the_startup_hook(tmp_path):
         assert "mergekit_pcb/__init__.py" in names and "mergekit_pcb/method.py" in names
         shipped = archive.read("mergekit_pcb_autoload.pth").decode()
     assert shipped == (ROOT / "mergekit_pcb_autoload.pth").read_text()
-    assert not any(name.startswith("tests/") for name in names)
+    assert not any(name.startswith(("tests/", "benchmarks/")) for name in names)
+    # Only the package's own modules: the toy tasks and training loop are benchmark code.
+    modules = {n for n in names if n.endswith(".py")}
+    source = {p.relative_to(ROOT).as_posix() for p in (ROOT / "mergekit_pcb").rglob("*.py")}
+    assert modules == source
+    assert "mergekit_pcb/toy.py" not in names
+    assert not any("import peft" in archive_text for archive_text in _texts(wheel, modules))
+
+
+def _texts(wheel, names):
+    with zipfile.ZipFile(wheel) as archive:
+        return [archive.read(name).decode() for name in sorted(names)]

@@ -108,6 +108,9 @@ def task_vectors(
             observe(cols, chunk)
         return torch.stack([chunk.amax(), chunk.amin()])
 
-    extremes = runtime.map_chunks(subtract, column_chunks(n, d), base.device) if d else []
+    columns = column_chunks(n, d, device=base.device)
+    extremes = runtime.map_chunks(subtract, columns, base.device) if d else []
     extremes = torch.cat(extremes) if extremes else torch.zeros(2, dtype=work)
-    return TaskVectors(flat, tau, bool(torch.isfinite(extremes).all()), bool(extremes.any()))
+    # Both flags in one transfer: on a GPU this is the tensor's one host sync.
+    finite, changed = torch.stack([torch.isfinite(extremes).all(), extremes.ne(0).any()]).tolist()
+    return TaskVectors(flat, tau, finite, changed)

@@ -35,8 +35,22 @@ R = TypeVar("R")
 # Work goes to the pool only with at least this many chunks per thread.
 CHUNKS_PER_THREAD = 16
 MAX_BUFFER_BYTES = 64 << 20
-CHUNK_ELEMENTS = 1 << 19  # elements of one chunk of an n x d matrix (all rows)
+CHUNK_ELEMENTS = 1 << 19  # elements of one chunk of an n x d matrix (all rows), on CPU
+# On a GPU a chunk is a few large kernels, not a cache-sized piece: big enough that
+# launches are few, small enough that a chunk's temporaries stay a fraction of tau.
+GPU_CHUNK_ELEMENTS = 1 << 24
 BLOCK = 64  # chunks start at multiples of this many columns (the selection's blocks)
+
+
+# The GPU-style steps (large chunks, whole-matrix selection, no look at the data from
+# the host) also run on CPU tensors when this is set: how the tests check them without
+# a GPU.
+GPU_STYLE_ON_CPU = False
+
+
+def gpu_style(device: torch.device | str) -> bool:
+    """Whether the steps on ``device`` run the GPU's way (see :data:`GPU_STYLE_ON_CPU`)."""
+    return GPU_STYLE_ON_CPU or torch.device(device).type != "cpu"
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -44,11 +58,15 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def column_chunks(n: int, d: int, elements: int | None = None) -> list[slice]:
-    """Column ranges of about ``elements`` (default CHUNK_ELEMENTS) elements of n rows,
-    starting at multiples of BLOCK: every path cuts a tensor into the same chunks, so
-    sums add in the same order."""
-    width = (elements or CHUNK_ELEMENTS) // max(n, 1)
+def column_chunks(
+    n: int, d: int, elements: int | None = None, device: torch.device | str = "cpu"
+) -> list[slice]:
+    """Column ranges of about ``elements`` elements of n rows (default: CHUNK_ELEMENTS on
+    CPU, GPU_CHUNK_ELEMENTS elsewhere), starting at multiples of BLOCK: every path on a
+    device cuts a tensor into the same chunks, so sums add in the same order."""
+    if elements is None:
+        elements = GPU_CHUNK_ELEMENTS if gpu_style(device) else CHUNK_ELEMENTS
+    width = elements // max(n, 1)
     width = max(BLOCK, width - width % BLOCK)
     return [slice(start, min(start + width, d)) for start in range(0, d, width)]
 
@@ -71,6 +89,8 @@ class Role(Enum):
     STREAMED_TOTAL = "streamed total"  # the streamed path's column sums
     STREAMED_NUMERATOR = "streamed numerator"
     STREAMED_DENOMINATOR = "streamed denominator"
+    CHUNK_TAU = "chunk tau"  # tau of one chunk (merges with known cuts)
+    CHUNK_SCORES = "chunk scores"  # B of one chunk (merges with known cuts)
 
 
 _local = threading.local()

@@ -97,7 +97,10 @@ class RowSelection:
         self._maxima: dict[int, torch.Tensor | None] = {}
 
     def feed(self, columns: slice, chunk: torch.Tensor) -> None:
-        """One n x w chunk of the first pass (thread-safe; the work runs unlocked)."""
+        """One n x w chunk of the first pass (thread-safe; the work runs unlocked).
+        Nothing to do off the CPU: :meth:`finish` selects from the whole matrix there."""
+        if runtime.gpu_style(chunk.device):
+            return
         if columns.start % BLOCK:
             raise ValueError(f"chunk {columns} does not start at a block boundary")
         low = _block_reduce(chunk, torch.amin) if "low" in self._kinds else None
@@ -129,8 +132,11 @@ class RowSelection:
         values_at: ValuesAt,
         device: torch.device,
     ) -> torch.Tensor:
-        """The n x len(ranks) statistics (CPU tensor). Radix ranks read ``chunk_at``
-        once more for every chunk in ``columns``; extreme ranks gather ``values_at``."""
+        """The n x len(ranks) statistics (on the CPU, or on ``device`` if that is a GPU).
+        Radix ranks read ``chunk_at`` once more for every chunk in ``columns``; extreme
+        ranks gather ``values_at``. On a GPU ``chunk_at`` gives the whole matrix once."""
+        if runtime.gpu_style(device):
+            return _select_on_device(chunk_at(slice(0, self.d)), self.ranks)
         out = [[0.0] * len(self.ranks) for _ in range(self.n)]
         extremes = {
             kind: torch.cat([parts[k] for k in sorted(parts)], dim=1)
@@ -249,6 +255,25 @@ class RowSelection:
     def _add(self, counted: list[dict]) -> None:
         for selector, counts in zip(self._selectors, counted, strict=False):
             selector.add(counts)
+
+
+def _select_on_device(x: torch.Tensor, ranks: Sequence[int]) -> torch.Tensor:
+    """Row-wise ``sorted(x)[:, k]`` of a whole matrix on a GPU, with no host sync.
+
+    Each rank is a ``topk`` from the nearer end of the row, unsorted (a multi-block
+    radix selection on CUDA, where ``kthvalue`` runs one block per row), and the
+    k-th value is the extreme of what it returns: exact, whatever the ties.
+    """
+    n, d = x.shape
+    columns = []
+    for rank in ranks:
+        if rank + 1 <= d - rank:
+            smallest = x.topk(rank + 1, dim=1, largest=False, sorted=False).values
+            columns.append(smallest.amax(dim=1))
+        else:
+            largest = x.topk(d - rank, dim=1, largest=True, sorted=False).values
+            columns.append(largest.amin(dim=1))
+    return torch.stack(columns, dim=1)
 
 
 def _block_reduce(chunk: torch.Tensor, reduce) -> torch.Tensor:

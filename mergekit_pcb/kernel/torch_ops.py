@@ -107,8 +107,11 @@ def _tanh_(x: torch.Tensor, square: torch.Tensor, poly: torch.Tensor) -> torch.T
     after the square) is exact to float32 rounding; larger entries take the x^7 polynomial,
     and |x| >= 0.125 the expm1 form. Which formula an entry gets depends only on its
     own value, so results never depend on chunking. ``square`` and ``poly`` are
-    scratch buffers.
+    scratch buffers. A GPU's own tanh is fast and needs no look at the data (which
+    here would cost a host sync per chunk).
     """
+    if runtime.gpu_style(x.device):
+        return x.tanh_()
     if x.dtype != torch.float32:
         return _tanh_exact_(x, square)
     torch.square(x, out=square)
@@ -138,7 +141,7 @@ def _cubic_factor(square: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
 def _each_chunk(like: torch.Tensor, step: Callable[[slice], object]) -> list:
     """``step(columns)`` for every column chunk of ``like`` (in threads on CPU)."""
     n, d = like.shape
-    return runtime.map_chunks(step, column_chunks(n, d), like.device)
+    return runtime.map_chunks(step, column_chunks(n, d, device=like.device), like.device)
 
 
 def _buffer(role: Role, n: int, cols: slice, like: torch.Tensor) -> torch.Tensor:
@@ -166,8 +169,9 @@ def _magnitude(chunk: torch.Tensor, cols: slice) -> torch.Tensor:
 class ClipSelection:
     """Step 3's clip bounds, gathered from chunks of tau as they are made.
 
-    Why a class: the pass that writes tau (:func:`mergekit_pcb.method.task_vectors`)
-    feeds each chunk while it is in cache, which saves a whole read of tau.
+    Why a class: the pass that writes tau (:func:`.experts.task_vectors`) feeds each
+    chunk while it is in cache, which saves a whole read of tau. On a GPU the bounds
+    come from the whole of |tau| at the end instead (see :class:`.selection.RowSelection`).
     """
 
     def __init__(self, n: int, d: int, dtype: torch.dtype, clamp_ratio: float):
@@ -175,13 +179,14 @@ class ClipSelection:
 
     def feed(self, cols: slice, chunk: torch.Tensor) -> None:
         """The n x w chunk ``tau[:, cols]`` (thread-safe; |tau| is never stored)."""
-        self._pick.feed(cols, _magnitude(chunk, cols))
+        if not runtime.gpu_style(chunk.device):
+            self._pick.feed(cols, _magnitude(chunk, cols))
 
     def finish(self, tau: torch.Tensor) -> ClipBounds:
         """The bounds, once every chunk of ``tau`` was fed."""
         n, d = tau.shape
         both = self._pick.finish(
-            column_chunks(n, d),
+            column_chunks(n, d, device=tau.device),
             lambda cols: _magnitude(tau[:, cols], cols),
             lambda i, c: tau[i].index_select(0, c).abs(),
             tau.device,
@@ -363,7 +368,7 @@ def pcb_task_vector(
 
     clipped, score = scores(tau, bounds, clamp_ratio=clamp_ratio, out=score, observe=observe)
     threshold = cut.finish(
-        column_chunks(n, d),
+        column_chunks(n, d, device=tau.device),
         lambda cols: score[:, cols],
         lambda i, c: score[i].index_select(0, c),
         tau.device,
@@ -404,7 +409,7 @@ def add_scaled(
     if bindings.serves(merged) and bindings.output_serves(base, out.dtype):
         runtime.map_chunks(
             lambda cols: bindings.add_scaled_chunk(base, merged, scale, cols, out),
-            column_chunks(1, d),
+            column_chunks(1, d, device=merged.device),
             merged.device,
         )
         return out
@@ -416,5 +421,5 @@ def add_scaled(
             work = _buffer(Role.OUTPUT, 1, cols, merged)[0]
             out[cols].copy_(torch.add(base[cols], merged[cols], alpha=scale, out=work))
 
-    runtime.map_chunks(chunk, column_chunks(1, d), merged.device)
+    runtime.map_chunks(chunk, column_chunks(1, d, device=merged.device), merged.device)
     return out
