@@ -5,6 +5,9 @@ keys its schema does not know, so a typo such as ``pcb_rato`` merges with the
 default instead of failing. Here every parameter name and value of a ``pcb``
 config is checked against the method's own specs (so parameters other engineers
 add to the method are covered automatically), with a did-you-mean for typos.
+Settings pydantic would reject only with a report of every union member it tried
+(``null``, a filter entry with a misspelt key) or that mergekit would read as "no
+value" and silently replace by the default (``[]``) are caught on the raw YAML first.
 """
 
 from __future__ import annotations
@@ -39,8 +42,83 @@ def _list(value: Any) -> list:
     return value if isinstance(value, list) else []
 
 
-def check_schema_keys(raw: dict) -> None:
-    """Unknown keys anywhere mergekit's config schema would ignore them."""
+def _unknown_parameter(location: str, name: str, specs: dict) -> None:
+    if name not in specs:
+        raise ConfigError(
+            f"{location}: unknown pcb parameter '{name}'{did_you_mean(name, list(specs))} "
+            f"(allowed: {', '.join(specs)})"
+        )
+
+
+def _no_value(at: str, name: str, value: Any, specs: dict | None) -> ConfigError:
+    shown = "null" if value is None else "[] (no value: mergekit would use the default)"
+    parameter = getattr((specs or {}).get(name), "parameter", None)
+    if parameter is not None:
+        return ConfigError(
+            f"pcb: {at}: parameter '{name}' got {shown}; allowed: {parameter.allowed}"
+        )
+    return ConfigError(
+        f"{at}: got {shown}; allowed: a value, a gradient [a, b, ...] or a filter list "
+        "[{filter: ..., value: ...}, ...]"
+    )
+
+
+def _check_setting(setting: Any, at: str, name: str, specs: dict | None) -> None:
+    """The shape of one parameter setting: a scalar, a flat gradient, or filter entries."""
+    from mergekit.config import ConditionalParameter
+
+    def scalar_or_gradient(value: Any, at: str) -> None:
+        if value is None or value == []:
+            raise _no_value(at, name, value, specs)
+        for i, item in enumerate(value if isinstance(value, list) else [value]):
+            if item is None or isinstance(item, (list, Mapping)):
+                where = f"{at}[{i}]" if isinstance(value, list) else at
+                raise ConfigError(
+                    f"{where}: got {'null' if item is None else repr(item)}; allowed: a number "
+                    "or string, or a gradient (a flat list of them)"
+                )
+
+    def entry(item: Any, at: str) -> None:
+        if not isinstance(item, Mapping):
+            raise ConfigError(
+                f"{at}: got {item!r} among filter entries; allowed: "
+                "{filter: <part of a tensor name>, value: ...} entries only"
+            )
+        known = list(ConditionalParameter.model_fields)
+        for key in item:
+            if key not in known:
+                raise ConfigError(
+                    f"{at}: unknown key '{key}' in a filter entry{did_you_mean(str(key), known)} "
+                    f"(allowed keys: {', '.join(known)})"
+                )
+        if "value" not in item:
+            raise ConfigError(
+                f"{at}: filter entry without 'value'; allowed: {{filter: ..., value: ...}}"
+            )
+        scalar_or_gradient(item["value"], f"{at}.value")
+
+    if isinstance(setting, Mapping):
+        entry(setting, at)
+    elif isinstance(setting, list) and any(isinstance(item, Mapping) for item in setting):
+        for i, item in enumerate(setting):
+            entry(item, f"{at}[{i}]")
+    else:
+        scalar_or_gradient(setting, at)
+
+
+def _check_settings(node: Any, where: str, specs: dict | None) -> None:
+    """Names (for pcb) and shapes of the settings in ``node``'s ``parameters:``."""
+    parameters = node.get("parameters") if isinstance(node, Mapping) else None
+    for name, setting in parameters.items() if isinstance(parameters, Mapping) else ():
+        location = f"{where}.parameters.{name}"
+        if specs is not None:
+            _unknown_parameter(location, str(name), specs)
+        _check_setting(setting, location, str(name), specs)
+
+
+def check_schema_keys(raw: dict, specs: dict | None = None) -> None:
+    """Unknown keys anywhere mergekit's config schema would ignore them, and ill-shaped
+    parameter settings (with ``specs``, a method's parameters, also unknown names)."""
     from mergekit.config import (
         InputModelDefinition,
         InputSliceDefinition,
@@ -49,24 +127,28 @@ def check_schema_keys(raw: dict) -> None:
         OutputSliceDefinition,
     )
 
+    def node(item: Any, model: type[BaseModel], where: str) -> None:
+        _check_keys(item, model, where)
+        _check_settings(item, where, specs)
+
     # Only well-shaped parts are walked; pydantic reports the ill-shaped ones next.
     def slices(items: Any, where: str) -> None:
         for i, item in enumerate(_list(items)):
-            _check_keys(item, OutputSliceDefinition, f"{where}[{i}]")
+            node(item, OutputSliceDefinition, f"{where}[{i}]")
             if isinstance(item, Mapping):
                 for j, source in enumerate(_list(item.get("sources"))):
-                    _check_keys(source, InputSliceDefinition, f"{where}[{i}].sources[{j}]")
+                    node(source, InputSliceDefinition, f"{where}[{i}].sources[{j}]")
 
     def models(items: Any, where: str) -> None:
         for i, item in enumerate(_list(items)):
-            _check_keys(item, InputModelDefinition, f"{where}[{i}]")
+            node(item, InputModelDefinition, f"{where}[{i}]")
 
-    _check_keys(raw, MergeConfiguration, "config")
+    node(raw, MergeConfiguration, "config")
     models(raw.get("models"), "models")
     slices(raw.get("slices"), "slices")
     modules = raw.get("modules")
     for name, module in modules.items() if isinstance(modules, Mapping) else ():
-        _check_keys(module, OutputModuleDefinition, f"modules.{name}")
+        node(module, OutputModuleDefinition, f"modules.{name}")
         if isinstance(module, Mapping):
             models(module.get("models"), f"modules.{name}.models")
             slices(module.get("slices"), f"modules.{name}.slices")
@@ -101,11 +183,7 @@ def _check_parameters(
 
     for name, setting in (parameters or {}).items():
         location = f"{where}.parameters.{name}"
-        if name not in specs:
-            raise ConfigError(
-                f"{location}: unknown pcb parameter '{name}'{did_you_mean(name, list(specs))} "
-                f"(allowed: {', '.join(specs)})"
-            )
+        _unknown_parameter(location, name, specs)
         spec = specs[name]
         if per_model and spec.scope == ParameterScope.SHARED:
             raise ConfigError(
@@ -166,6 +244,64 @@ def _missing_base(where: str) -> None:
     )
 
 
+def merge_dtypes() -> list[str]:
+    """The dtype names mergekit can merge in: what its ``dtype_from_name`` accepts,
+    floating point only (mergekit refuses others at run time), asked of mergekit itself."""
+    import torch
+    from mergekit.common import dtype_from_name
+
+    names = sorted(
+        {str(v).removeprefix("torch.") for v in vars(torch).values() if isinstance(v, torch.dtype)}
+    )
+    allowed = []
+    for name in names:
+        try:
+            if dtype_from_name(name).is_floating_point:
+                allowed.append(name)
+        except RuntimeError:
+            pass
+    return allowed
+
+
+def check_dtypes(config: Any, source: str) -> None:
+    """``dtype`` / ``out_dtype`` now, not as mergekit's error after loading began."""
+    from mergekit.common import dtype_from_name
+
+    for key in ("dtype", "out_dtype"):
+        value = getattr(config, key, None)
+        if value is None:
+            continue
+        try:
+            ok = dtype_from_name(value).is_floating_point
+        except RuntimeError:
+            ok = False
+        if not ok:
+            allowed = merge_dtypes()
+            raise ConfigError(
+                f"{source}: {key}: '{value}' is not a dtype mergekit merges in "
+                f"(allowed: {', '.join(allowed)})"
+            )
+
+
+def _method(name: Any, source: str):
+    """The registered method ``name`` names; None where the name is not even a string."""
+    from mergekit import merge_methods
+
+    import mergekit_pcb
+
+    mergekit_pcb.register()  # even when autoload is opted out
+    if not isinstance(name, str):
+        return None  # pydantic reports it
+    try:
+        return merge_methods.get(name)
+    except RuntimeError:
+        known = sorted(m.spec.name for m in merge_methods.registered_methods())
+        raise ConfigError(
+            f"{source}: merge_method '{name}' is not registered"
+            f"{did_you_mean(name, known)} (allowed: {', '.join(known)})"
+        ) from None
+
+
 def validate_config(text: str, source: str = "config"):
     """Parse and check a config; returns mergekit's ``MergeConfiguration``.
 
@@ -174,30 +310,20 @@ def validate_config(text: str, source: str = "config"):
     from mergekit.config import MergeConfiguration
 
     raw = load_yaml(text, source)
-    check_schema_keys(raw)
+    method = _method(raw.get("merge_method"), source)
+    specs = None
+    if method is not None and method.spec.name == "pcb":
+        specs = {spec.name: spec for spec in method.spec.parameters}
+    check_schema_keys(raw, specs)
     try:
         config = MergeConfiguration.model_validate(raw)
     except ValidationError as error:
         raise ConfigError(f"{source}: {format_validation_error(error)}") from None
     except (RuntimeError, ValueError) as error:  # mergekit's model validators raise these
         raise ConfigError(f"{source}: {error}") from None
-
-    from mergekit import merge_methods
-
-    import mergekit_pcb
-
-    mergekit_pcb.register()  # even when autoload is opted out
-
-    try:
-        method = merge_methods.get(config.merge_method)
-    except RuntimeError:
-        known = sorted(m.spec.name for m in merge_methods.registered_methods())
-        raise ConfigError(
-            f"{source}: merge_method '{config.merge_method}' is not registered"
-            f"{did_you_mean(config.merge_method, known)} (allowed: {', '.join(known)})"
-        ) from None
-    if method.spec.name == "pcb":
-        check_pcb(config, {spec.name: spec for spec in method.spec.parameters})
+    check_dtypes(config, source)
+    if specs is not None:
+        check_pcb(config, specs)
     return config
 
 

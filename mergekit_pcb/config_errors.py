@@ -32,6 +32,12 @@ def load_yaml(text: str, source: str) -> dict:
     return data
 
 
+def one_line(error: BaseException) -> str:
+    """Any exception as ``Type: message`` on one line, for a CLI's ``Error: ...``."""
+    text = " ".join(str(error).split()) or repr(error)
+    return f"{type(error).__name__}: {text}"
+
+
 def format_validation_error(error: ValidationError) -> str:
     """pydantic's multi-line report as one line: 'location: message' per problem."""
     parts = []

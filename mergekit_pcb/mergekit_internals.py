@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -57,6 +58,35 @@ def running_executor() -> tuple[Any, Any]:
     return task, None
 
 
+_CASTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # executor -> {task: dtype}
+
+
+def output_dtype() -> str | None:
+    """The dtype mergekit casts this ``merge_group`` call's result to afterwards, if any.
+
+    Relies on the running ``ExecuteMergeMethodTask`` (see :func:`running_executor`) and
+    on the ``SaveTensor``/``ReturnTensor`` tasks in ``Executor.universe.tasks`` that take
+    its result as ``tensor_task`` and cast it to their ``dtype`` (the config's
+    ``out_dtype``); read once per executor. None where no such task is running.
+    """
+    from mergekit.io.tasks import ReturnTensor, SaveTensor
+
+    task, executor = running_executor()
+    if task is None or task.out_dtype:
+        return getattr(task, "out_dtype", None)
+    if executor is None:
+        return None
+    casts = _CASTS.get(executor)
+    if casts is None:
+        casts = {
+            t.tensor_task: t.dtype
+            for t in executor.universe.tasks
+            if isinstance(t, (SaveTensor, ReturnTensor)) and t.dtype
+        }
+        _CASTS[executor] = casts
+    return casts.get(task)
+
+
 @contextmanager
 def local_folders_stay_local() -> Iterator[None]:
     """In the model card, an existing local folder is local, without asking the Hub.
@@ -100,6 +130,15 @@ def check() -> None:
         "ModelGenome._to_torch": getattr(ModelGenome, "_to_torch", None),
     }
     missing = [name for name, found in needed.items() if not callable(found)]
+    from mergekit.io.tasks import ReturnTensor, SaveTensor
+
+    if "out_dtype" not in ExecuteMergeMethodTask.model_fields:
+        missing.append("ExecuteMergeMethodTask.out_dtype")
+    for cast in (SaveTensor, ReturnTensor):
+        if not {"tensor_task", "dtype"} <= set(cast.model_fields):
+            missing.append(f"{cast.__name__}.tensor_task/dtype")
+    if "universe" not in Executor.__init__.__code__.co_names:
+        missing.append("Executor.universe")
     if "_tensors" not in MergePlanner.__init__.__code__.co_names:
         missing.append("MergePlanner._tensors")
     if missing:

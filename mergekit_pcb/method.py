@@ -16,7 +16,7 @@ from mergekit.merge_methods.base import (
     TensorGroup,
 )
 
-from mergekit_pcb import _autoload, groups, kernel, model_scope, parameters
+from mergekit_pcb import _autoload, groups, kernel, mergekit_internals, model_scope, parameters
 
 NAME = "pcb"
 
@@ -74,16 +74,22 @@ class PCBMerge(GroupMergeMethod):
         try:
             if params["pcb_scope"] == "model":
                 rows = [statistics[e.id] for e in experts]
-                return kernel.merge_with_statistics(base, tensors, coefficients, rows, **common)
-            if kernel.streams(base, tensors, params["clamp_ratio"]):
-                return kernel.merge_streamed(
+                result = kernel.merge_with_statistics(base, tensors, coefficients, rows, **common)
+            elif kernel.streams(base, tensors, params["clamp_ratio"]):
+                result = kernel.merge_streamed(
                     base, tensors, coefficients, clamp_ratio=params["clamp_ratio"], **common
                 )
-            return kernel.merge_stored(
-                base, tensors, coefficients, clamp_ratio=params["clamp_ratio"], **common
-            )
+            else:
+                result = kernel.merge_stored(
+                    base, tensors, coefficients, clamp_ratio=params["clamp_ratio"], **common
+                )
         except kernel.NonFiniteTaskVector as error:
             raise groups.non_finite_error(group, error.dtype) from None
+        # mergekit would write inf silently (float16 overflow): name the tensor and the fix.
+        error = groups.non_finite_output(group, result, mergekit_internals.output_dtype())
+        if error is not None:
+            raise error
+        return result
 
 
 pcb = PCBMerge()

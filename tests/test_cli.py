@@ -94,7 +94,8 @@ def test_demo_merges_and_summarizes_truthfully(tmp_path):
     base = load_tensors(inputs / "base")
     experts = [load_tensors(inputs / f"expert{i}") for i in range(3)]
     merged = load_tensors(out)
-    rows = {line.split()[0]: line.split()[1:] for line in result.output.splitlines()[4:]}
+    lines = result.output.splitlines()
+    rows = {line.split()[0]: line.split()[1:] for line in lines[4 : lines.index("")]}
     assert set(rows) == set(merged) == set(base)
     for name, tensor in merged.items():
         # The merge itself: the demo's weights are 1.0, 0.8, 0.6.

@@ -8,13 +8,13 @@ the models disagreed in sign (the conflicts PCB's inter-balancing resolves).
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 from typing import NamedTuple
 
 import click
 import torch
 
+from mergekit_pcb.config_errors import one_line
 from mergekit_pcb.kernel import drop_weights, scores
 from mergekit_pcb.parameters import CLAMP_RATIO, LAMBDA, PCB_RATIO, Parameter
 
@@ -171,7 +171,7 @@ def _option(parameter: Parameter):
     "--inputs",
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
-    help="Keep the tiny base and experts here (default: a temporary directory, removed after).",
+    help="Where the tiny base and experts are written and kept (default: OUT/inputs).",
 )
 def demo(
     out: Path,
@@ -181,22 +181,32 @@ def demo(
     seed: int,
     inputs: Path | None,
 ) -> None:
-    """Build a tiny local Llama base and experts, merge them with PCB into OUT, summarize."""
-    with tempfile.TemporaryDirectory(prefix="mergekit-pcb-demo-") as workdir:
-        try:
-            rows = run_demo(
-                out,
-                experts=experts,
-                pcb_ratio=pcb_ratio,
-                clamp_ratio=clamp_ratio,
-                seed=seed,
-                workdir=inputs or Path(workdir),
-            )
-        except Exception as error:  # one clear line, not a traceback
-            raise click.ClickException(f"{type(error).__name__}: {error}") from None
+    """Build a tiny local Llama base and experts, merge them with PCB into OUT, summarize.
+
+    The inputs are kept (OUT/inputs unless --inputs), so the ``mergekit_config.yml`` the
+    merge saves in OUT can be run again, changed, by the user.
+    """
+    inputs = inputs or out / "inputs"
+    try:
+        rows = run_demo(
+            out,
+            experts=experts,
+            pcb_ratio=pcb_ratio,
+            clamp_ratio=clamp_ratio,
+            seed=seed,
+            workdir=inputs,
+        )
+    except Exception as error:  # one clear line, not a traceback
+        raise click.ClickException(one_line(error)) from None
     click.echo(f"PCB-merged model ({experts} experts + base, tiny Llama): {out.resolve()}")
     click.echo(
         f"pcb_ratio={pcb_ratio} clamp_ratio={clamp_ratio}; per tensor: share of entries "
         "each model kept (W > 0), share where the models disagree in sign, share changed"
     )
     click.echo(format_summary(rows))
+    config = out.resolve() / "mergekit_config.yml"
+    click.echo(f"\ninputs (tiny base and experts) kept in {inputs.resolve()}; {config} merges them")
+    click.echo(
+        f"next: edit pcb_ratio, lambda or the weights in {config}, then "
+        f"mergekit-pcb merge {config} ./pcb-demo-2"
+    )

@@ -47,7 +47,7 @@ import click
     help="Number of actors (default: one per CPU of the Ray cluster).",
 )
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-@click.option("-v", "--verbose", is_flag=True, help="Log at INFO level.")
+@click.option("-v", "--verbose", is_flag=True, help="Log at INFO level (and an error's traceback).")
 def evolve(
     search_yml: Path,
     out_dir: Path,
@@ -66,7 +66,9 @@ def evolve(
     verbose: bool,
 ) -> None:
     """Search pcb_ratio, lambda and per-model weights with CMA-ES; write best.yml."""
+    from mergekit_pcb.config_errors import one_line
     from mergekit_pcb.evolve.config import EvolveConfigError, load_config
+    from mergekit_pcb.evolve.report import format_summary
     from mergekit_pcb.evolve.search import RunOptions, run_search
 
     logging.basicConfig(
@@ -110,10 +112,7 @@ def evolve(
         report = run_search(cfg, out_dir, options)
     except EvolveConfigError as exc:
         raise click.ClickException(str(exc)) from None
-    click.echo(
-        f"default {report['default_score']:.6g} -> best {report['best_score']:.6g} (search); "
-        f"test {report['default_test_score']} -> {report['best_test_score']}; "
-        f"wrote {out_dir / 'best.yml'}"
-    )
-    if report.get("warning"):
-        click.echo(f"warning: {report['warning']}", err=True)
+    except Exception as exc:  # anything else is one line too; -v logs the traceback
+        logging.getLogger("mergekit_pcb.evolve").info("the search failed", exc_info=True)
+        raise click.ClickException(one_line(exc)) from None
+    click.echo(format_summary(report, cfg.evaluation.tasks, out_dir))

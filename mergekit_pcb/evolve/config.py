@@ -271,6 +271,19 @@ class EvolveConfig(_Strict):
     # tokenize (every type but python) load one unless this key is given.
     tokenizer: str | None = None
 
+    @field_validator("device")
+    @classmethod
+    def _device_name(cls, value: str) -> str:
+        import torch
+
+        try:
+            torch.device(value)
+        except (RuntimeError, ValueError):
+            raise ValueError(
+                f"'{value}' is not a torch device; allowed: cpu, cuda, cuda:N, mps, ..."
+            ) from None
+        return value
+
     @model_validator(mode="after")
     def _distinct_models(self) -> EvolveConfig:
         if len(set(self.models)) != len(self.models):
@@ -429,6 +442,80 @@ def _check_call(task: TaskSpec, target: str, kwargs: dict[str, Any], root: Path)
             f"task '{task.name}': {target}{signature} cannot be called as "
             f"(model, tokenizer, **kwargs) with kwargs {given}: {exc}"
         ) from None
+
+
+def available_devices() -> list[str]:
+    import torch
+
+    found = ["cpu"]
+    if torch.cuda.is_available():
+        found += ["cuda", *(f"cuda:{i}" for i in range(torch.cuda.device_count()))]
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        found.append("mps")
+    return found
+
+
+def check_device(device: str) -> None:
+    """The device is on this machine (torch's own failure is an assertion deep in loading)."""
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise EvolveConfigError(
+            f"device: '{device}' is not a torch device; allowed here: "
+            f"{', '.join(available_devices())}"
+        ) from None
+    if parsed.type == "cpu":
+        return
+    if parsed.type == "mps":
+        backend = getattr(torch.backends, "mps", None)
+        count = 1 if backend is not None and backend.is_available() else 0
+    else:
+        backend = getattr(torch, parsed.type, None)
+        available = backend is not None and backend.is_available()
+        count = backend.device_count() if available else 0
+    if count == 0:
+        why = f"torch {torch.__version__} sees no {parsed.type} device"
+        if parsed.type == "cuda" and torch.version.cuda is None:
+            why = f"torch {torch.__version__} is built without CUDA"
+    elif parsed.index is not None and parsed.index >= count:
+        why = f"there are {count} {parsed.type} device(s)"
+    else:
+        return
+    raise EvolveConfigError(
+        f"device: '{device}' is not available ({why}); allowed here: "
+        f"{', '.join(available_devices())}"
+    )
+
+
+def check_inputs(cfg: EvolveConfig, root: Path | None, *, device: bool = True) -> None:
+    """What the machine must provide, checked before OUT_DIR is touched: every model is
+    found (relative paths from the YAML's folder ``root``) and the device exists
+    (``device=False`` where remote workers score, e.g. a Ray cluster)."""
+    from mergekit_pcb.model_paths import Folders, check_models
+
+    cwd = Path.cwd()
+    if root is None:
+        folders = Folders(cwd, f"the working directory {cwd}")
+    else:
+        folders = Folders(
+            root,
+            f"the YAML's folder {root}",
+            cwd if cwd != root else None,
+            f"the working directory {cwd}",
+        )
+    references = [("base_model", cfg.base_model)]
+    references += [(f"models[{i}]", model) for i, model in enumerate(cfg.models)]
+    if cfg.tokenizer:
+        references.append(("tokenizer", cfg.tokenizer))
+    try:
+        check_models(references, folders)
+    except ConfigError as exc:
+        raise EvolveConfigError(str(exc)) from None
+    if device:
+        check_device(cfg.device)
 
 
 def check_task(task: TaskSpec, root: Path) -> None:

@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from mergekit_pcb.evolve import layout as layout_mod
 from mergekit_pcb.evolve.cache import build as build_cache
 from mergekit_pcb.evolve.cache import fingerprint as cache_fingerprint
 from mergekit_pcb.evolve.candidate import Genome
-from mergekit_pcb.evolve.config import EvolveConfig, EvolveConfigError
+from mergekit_pcb.evolve.config import EvolveConfig, EvolveConfigError, check_inputs
 from mergekit_pcb.evolve.objective import Objective
 from mergekit_pcb.evolve.report import (
     HISTORY,
@@ -90,12 +91,22 @@ def _bar(total: int, initial: int, desc: str, enabled: bool):
 
 def run_search(cfg: EvolveConfig, out: Path, opts: RunOptions) -> dict:
     """Run (or resume) a search and write every output; returns report.json's content."""
-    import cma
+    with warnings.catch_warnings():  # cma's own note on a missing matplotlib misleads here
+        warnings.filterwarnings("ignore", "Could not import matplotlib", UserWarning)
+        import cma
 
     out = Path(out)
     from mergekit_pcb.evolve.evaluator import load_tokenizer
 
-    load_tokenizer(cfg)  # fails now, before run.json or the cache, if it cannot load
+    # Whatever the user's input or machine can get wrong fails before OUT_DIR is touched.
+    check_inputs(cfg, opts.root, device=not opts.ray_address)
+    load_tokenizer(cfg)
+    layout = layout_mod.build_layout(cfg)
+    planned, groups = layout_mod.tensor_groups(cfg, layout)
+    genome = Genome.from_config(cfg, layout.groups)
+    if genome.dimension == 0:
+        raise EvolveConfigError("search: every quantity is fixed; give at least one range")
+
     history = _prepare_out(cfg, out, opts.resume)
     for task in cfg.evaluation.tasks:
         if not task.has_test:
@@ -103,12 +114,6 @@ def run_search(cfg: EvolveConfig, out: Path, opts: RunOptions) -> dict:
                 "task '%s' has no test_data: its search score is not checked on held-out data",
                 task.name,
             )
-
-    layout = layout_mod.build_layout(cfg)
-    planned, groups = layout_mod.tensor_groups(cfg, layout)
-    genome = Genome.from_config(cfg, layout.groups)
-    if genome.dimension == 0:
-        raise EvolveConfigError("search: every quantity is fixed; give at least one range")
 
     cache_dir = Path(cfg.cache.dir) if cfg.cache.dir else out / "cache"
     t0 = time.perf_counter()
