@@ -27,6 +27,17 @@ def planned_tensors(planner: Any) -> list[tuple[Any, Any]]:
     return list(planner._tensors)
 
 
+def model_out_config(config: Any, arch_info: Any, trust_remote_code: bool = False) -> Any:
+    """The output model's config exactly as ``run_merge`` makes it (layer counts of slices).
+
+    Relies on ``mergekit.merge._model_out_config``; planning with any other config
+    would give slices other output layer indices than the merge gives them.
+    """
+    from mergekit import merge
+
+    return merge._model_out_config(config, arch_info, trust_remote_code=trust_remote_code)
+
+
 def run_quietly(executor: Any) -> Iterator[tuple[Any, Any]]:
     """``(handle, value)`` of each target task of ``executor``, without a progress bar.
 
@@ -116,7 +127,7 @@ def genotype_tensor(genome: Any, genotype: Any) -> Any:
 
 def check() -> None:
     """Raise if this mergekit lacks anything this module relies on."""
-    from mergekit import card
+    from mergekit import card, merge
     from mergekit.evo.genome import ModelGenome
     from mergekit.graph import Executor
     from mergekit.merge_methods.task_adapter import ExecuteMergeMethodTask
@@ -127,6 +138,7 @@ def check() -> None:
         "Executor._run": getattr(Executor, "_run", None),
         "ExecuteMergeMethodTask.execute": getattr(ExecuteMergeMethodTask, "execute", None),
         "card.is_hf": getattr(card, "is_hf", None),
+        "merge._model_out_config": getattr(merge, "_model_out_config", None),
         "ModelGenome._to_torch": getattr(ModelGenome, "_to_torch", None),
     }
     missing = [name for name, found in needed.items() if not callable(found)]

@@ -21,7 +21,7 @@ import logging
 import threading
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -78,8 +78,11 @@ def _check_shared(tasks: list[ExecuteMergeMethodTask]) -> dict[str, Any]:
 # ---------------------------------------------------------------- streamed inputs
 
 
-def _group_of(task: ExecuteMergeMethodTask, tensors: dict, device) -> TensorGroup | None:
-    """The group ``ExecuteMergeMethodTask.execute`` would pass to merge_group (or None)."""
+def group_of(task: ExecuteMergeMethodTask, tensors: dict, device) -> TensorGroup | None:
+    """The group ``ExecuteMergeMethodTask.execute`` would pass to merge_group (or None).
+
+    Shared with ``mergekit-pcb inspect``, whose numbers must be those of the same inputs.
+    """
     entries = tuple(
         TensorEntry(id=model, tensor=tensor.to(device), is_base=model == task.base_model)
         for model in task.model_order
@@ -96,8 +99,12 @@ def _group_of(task: ExecuteMergeMethodTask, tensors: dict, device) -> TensorGrou
     return align_dtype(group, dtype_from_name(task.dtype))
 
 
-class _Inputs:
-    """Re-runs the input tasks of all pcb tasks, one group at a time, on demand."""
+class Inputs:
+    """Re-runs the input tasks of all pcb tasks, one group at a time, on demand.
+
+    ``executor`` only lends its devices (``mergekit-pcb inspect`` passes one without
+    targets). Each iteration yields ``(task, tensors by model)`` for every task.
+    """
 
     def __init__(self, executor: Executor, tasks: list[ExecuteMergeMethodTask]):
         self.executor = executor
@@ -157,10 +164,14 @@ def _rows(task: ExecuteMergeMethodTask, group: TensorGroup) -> tuple[list, torch
 
 
 def compute(
-    executor: Executor, tasks: list[ExecuteMergeMethodTask]
+    executor: Executor,
+    tasks: list[ExecuteMergeMethodTask],
+    each_pass: Callable[[Iterator], Iterator] | None = None,
 ) -> dict[ModelReference, kernel.ModelStatistics]:
+    """Every model's statistics; ``each_pass`` may wrap each pass's input iterator
+    (``mergekit-pcb inspect`` draws a progress bar with it)."""
     shared = _check_shared(tasks)
-    inputs = _Inputs(executor, tasks)
+    inputs = Inputs(executor, tasks)
     dtypes: dict = {}
     counts: dict = {}
 
@@ -182,8 +193,8 @@ def compute(
                 )
 
     def tensors() -> Iterator[tuple[list, torch.Tensor]]:
-        for task, values in inputs:
-            group = _group_of(task, values, executor.math_device)
+        for task, values in each_pass(iter(inputs)) if each_pass else inputs:
+            group = group_of(task, values, executor.math_device)
             if group is not None:
                 models, tau = _rows(task, group)
                 check(models, tau)

@@ -97,7 +97,7 @@ def test_kernel_is_free_of_mergekit():
                 assert name.split(".")[0] != "mergekit", f"{path.name} imports {name}"
 
 
-PRIVATE = {"_plan", "_tensors", "_run", "_to_torch", "is_hf", "_getframe"}
+PRIVATE = {"_plan", "_tensors", "_run", "_to_torch", "is_hf", "_getframe", "_model_out_config"}
 
 
 def test_mergekit_private_api_only_in_its_module():

@@ -26,6 +26,11 @@ COMMANDS = {
         "evolve",
         "Search PCB's ratios and coefficients with CMA-ES.",
     ),
+    "inspect": (
+        "mergekit_pcb.cli.inspect",
+        "inspect",
+        "Report where the experts agree, conflict and win under PCB (no model written).",
+    ),
 }
 
 
