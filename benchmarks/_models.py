@@ -41,6 +41,12 @@ FULL = FamilySpec(
 QUICK = FamilySpec(
     vocab_size=2000, hidden_size=128, intermediate_size=256, num_layers=2, num_heads=4
 )
+# The shape of a TinyLlama-1.1B (0.95B parameters untied): what GPU and many-core
+# merges are timed on.
+ONE_B = FamilySpec(
+    vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_layers=16, num_heads=16
+)
+FAMILIES = {"quick": QUICK, "full": FULL, "1b": ONE_B}
 
 
 def cache_root() -> Path:
@@ -76,13 +82,21 @@ def _write(path: Path, config, tensors: dict[str, torch.Tensor]) -> None:
     save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
 
 
-def build_family(spec: FamilySpec, root: Path | None = None) -> tuple[Path, list[Path]]:
-    """Return (base, experts) directories, building them only if the cache is stale."""
+def build_family(
+    spec: FamilySpec, root: Path | None = None, device: str = "cpu"
+) -> tuple[Path, list[Path]]:
+    """Return (base, experts) directories, building them only if the cache is stale.
+
+    ``device``: where the random weights are drawn; a GPU draws 4 x 1B in seconds where
+    one CPU thread takes minutes. Its random stream differs from the CPU's, so the
+    device is part of the recipe: the same statistics, not the same bits.
+    """
     root = (root or cache_root()) / f"llama-{spec.hidden_size}x{spec.num_layers}"
     names = ["base"] + [f"expert{i}" for i in range(spec.n_experts)]
     paths = [root / name for name in names]
     stamp = root / "spec.json"
-    wanted = json.dumps(asdict(spec), sort_keys=True)
+    recipe = asdict(spec) | ({"device": torch.device(device).type} if device != "cpu" else {})
+    wanted = json.dumps(recipe, sort_keys=True)
     if (
         stamp.exists()
         and stamp.read_text() == wanted
@@ -95,25 +109,25 @@ def build_family(spec: FamilySpec, root: Path | None = None) -> tuple[Path, list
     stamp.unlink(missing_ok=True)
     config = _llama_config(spec)
     torch.manual_seed(spec.seed)
-    with torch.no_grad():
+    with torch.no_grad(), torch.device(device):
         model = LlamaForCausalLM(config)
         base = {
-            k: v.detach().to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()
+            k: v.detach().to("cpu", torch.bfloat16).contiguous()
+            for k, v in model.state_dict().items()
         }
     del model
     _write(paths[0], config, base)
-    generator = torch.Generator().manual_seed(spec.seed + 1)
+    generator = torch.Generator(device).manual_seed(spec.seed + 1)
     for path in paths[1:]:
         expert = {}
         for name, value in base.items():
-            x = value.float()
+            x = value.to(device, torch.float32)
             std = float(x.std()) if x.numel() > 1 else 1.0
-            delta = torch.randn(x.shape, generator=generator).mul_(spec.dense_scale * std)
-            sparse = torch.rand(x.shape, generator=generator) < spec.sparse_density
-            delta += (
-                torch.randn(x.shape, generator=generator).mul_(sparse).mul_(spec.sparse_scale * std)
-            )
-            expert[name] = x.add_(delta).to(torch.bfloat16)
+            draw = {"generator": generator, "device": device}
+            delta = torch.randn(x.shape, **draw).mul_(spec.dense_scale * std)
+            sparse = torch.rand(x.shape, **draw) < spec.sparse_density
+            delta += torch.randn(x.shape, **draw).mul_(sparse).mul_(spec.sparse_scale * std)
+            expert[name] = x.add_(delta).to("cpu", torch.bfloat16)
             del delta, sparse
         _write(path, config, expert)
         del expert

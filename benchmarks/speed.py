@@ -2,14 +2,15 @@
 
 Usage::
 
-    python benchmarks/speed.py            # ~170M-parameter bf16 Llama, base + 3 experts
-    python benchmarks/speed.py --quick    # a small model, for a smoke run
-    python benchmarks/speed.py --cuda     # pass --cuda through to mergekit-yaml
+    python benchmarks/speed.py                      # ~170M-parameter bf16 Llama, base + 3 experts
+    python benchmarks/speed.py --quick              # a small model, for a smoke run
+    python benchmarks/speed.py --family 1b --cuda   # 0.95B, built and merged on a GPU
 
 Each merge runs as a fresh ``mergekit-yaml`` subprocess; the methods are interleaved
 within every repeat so that load from other users of the machine hits them alike.
 Peak RSS is the child's own ``ru_maxrss`` from ``os.wait4``, which covers exactly
-that process, unlike polling (which can miss short peaks).
+that process, unlike polling (which can miss short peaks). With ``--cuda`` the child
+also reports its ``torch.cuda.max_memory_allocated`` at exit.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import click
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _models import FULL, QUICK, build_family, parameter_count
+from _models import FAMILIES, build_family, parameter_count
 
 METHODS: dict[str, dict] = {
     "pcb": {"merge_method": "pcb", "parameters": {"pcb_ratio": 0.2}},
@@ -44,6 +45,18 @@ METHODS: dict[str, dict] = {
 class Sample(NamedTuple):
     wall_s: float
     peak_rss_bytes: int
+    gpu_peak_bytes: int | None = None
+
+
+# mergekit-yaml in this process, writing the GPU's peak allocation to argv[1] at exit.
+_WITH_GPU_PEAK = (
+    "import atexit, sys, torch\n"
+    "path = sys.argv.pop(1)\n"
+    "atexit.register(lambda: open(path, 'w').write(str(torch.cuda.max_memory_allocated())))\n"
+    "from mergekit.scripts.run_yaml import main\n"
+    "sys.argv[0] = 'mergekit-yaml'\n"
+    "main()\n"
+)
 
 
 def write_config(path: Path, method: str, base: Path, experts: list[Path]) -> Path:
@@ -64,7 +77,13 @@ def write_config(path: Path, method: str, base: Path, experts: list[Path]) -> Pa
 
 def run_once(config: Path, out: Path, extra: list[str]) -> Sample:
     exe = shutil.which("mergekit-yaml") or str(Path(sys.executable).parent / "mergekit-yaml")
-    cmd = [exe, str(config), str(out), "--no-copy-tokenizer", "--quiet", *extra]
+    args = [str(config), str(out), "--no-copy-tokenizer", "--quiet", *extra]
+    gpu_file = out.parent / "gpu-peak.txt" if "--cuda" in extra else None
+    if gpu_file is None:
+        cmd = [exe, *args]
+    else:
+        gpu_file.unlink(missing_ok=True)
+        cmd = [sys.executable, "-c", _WITH_GPU_PEAK, str(gpu_file), *args]
     start = time.perf_counter()
     process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     # wait4 reports this child's own peak RSS (Linux: KiB), not the max over all children.
@@ -76,34 +95,54 @@ def run_once(config: Path, out: Path, extra: list[str]) -> Sample:
     if process.returncode != 0:
         raise click.ClickException(f"{' '.join(cmd)} failed:\n{stderr[-3000:]}")
     shutil.rmtree(out, ignore_errors=True)
-    return Sample(wall, usage.ru_maxrss * 1024)
+    gpu_peak = int(gpu_file.read_text()) if gpu_file is not None else None
+    return Sample(wall, usage.ru_maxrss * 1024, gpu_peak)
 
 
 def table(results: dict[str, list[Sample]]) -> str:
+    gpu = all(s.gpu_peak_bytes is not None for v in results.values() for s in v)
     med = {
-        m: (statistics.median(s.wall_s for s in v), statistics.median(s.peak_rss_bytes for s in v))
+        m: (
+            statistics.median(s.wall_s for s in v),
+            statistics.median(s.peak_rss_bytes for s in v),
+            statistics.median(s.gpu_peak_bytes for s in v) if gpu else None,
+        )
         for m, v in results.items()
     }
 
     def ratio(m: str, ref: str, i: int) -> str:
         return f"{med[m][i] / med[ref][i]:.2f}x" if ref in med else "-"
 
-    lines = [
+    head = (
         "| method | median wall time | peak RSS | time vs ties | time vs task_arithmetic "
-        "| RSS vs ties | time vs pcb | RSS vs pcb |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for m, (wall, rss) in med.items():
-        lines.append(
+        "| RSS vs ties | time vs pcb | RSS vs pcb |"
+    )
+    rule = "|---|---|---|---|---|---|---|---|"
+    if gpu:
+        head += " GPU peak allocated | GPU peak vs ties |"
+        rule += "---|---|"
+    lines = [head, rule]
+    for m, (wall, rss, gpu_peak) in med.items():
+        line = (
             f"| {m} | {wall:.1f} s | {rss / 2**30:.2f} GiB | {ratio(m, 'ties', 0)} "
             f"| {ratio(m, 'task_arithmetic', 0)} | {ratio(m, 'ties', 1)} "
             f"| {ratio(m, 'pcb', 0)} | {ratio(m, 'pcb', 1)} |"
         )
+        if gpu:
+            line += f" {gpu_peak / 2**30:.2f} GiB | {ratio(m, 'ties', 2)} |"
+        lines.append(line)
     return "\n".join(lines)
 
 
 @click.command()
-@click.option("--quick", is_flag=True, help="Small model (smoke run), not the ~170M one.")
+@click.option(
+    "--family",
+    type=click.Choice(list(FAMILIES)),
+    default="full",
+    show_default=True,
+    help="Models to merge: quick (smoke run), full (166M), 1b (0.95B; build it with --cuda).",
+)
+@click.option("--quick", is_flag=True, help="Same as --family quick.")
 @click.option("--repeats", "-r", default=3, show_default=True, help="Runs per method.")
 @click.option("--cuda", is_flag=True, help="Pass --cuda to mergekit-yaml.")
 @click.option(
@@ -131,6 +170,7 @@ def table(results: dict[str, list[Sample]]) -> str:
     "~/.cache/mergekit-pcb-bench).",
 )
 def main(
+    family: str,
     quick: bool,
     repeats: int,
     cuda: bool,
@@ -139,13 +179,13 @@ def main(
     cache_dir: Path | None,
 ) -> None:
     """Median wall time and peak RSS of mergekit-yaml per merge method, as a markdown table."""
-    spec = QUICK if quick else FULL
+    spec = FAMILIES["quick" if quick else family]
     click.echo(
         f"building/using cached models ({parameter_count(spec) / 1e6:.0f}M params, "
         f"bf16, base + {spec.n_experts} experts)...",
         err=True,
     )
-    base, experts = build_family(spec, cache_dir)
+    base, experts = build_family(spec, cache_dir, device="cuda" if cuda else "cpu")
     methods = methods or tuple(METHODS)
     extra = (["--cuda"] if cuda else []) + (["-j", str(threads)] if threads else [])
     results: dict[str, list[Sample]] = {m: [] for m in methods}
@@ -158,9 +198,14 @@ def main(
             for m in methods:
                 sample = run_once(configs[m], tmp / "out", extra)
                 results[m].append(sample)
+                gpu = (
+                    f", GPU {sample.gpu_peak_bytes / 2**30:.2f} GiB"
+                    if sample.gpu_peak_bytes is not None
+                    else ""
+                )
                 click.echo(
                     f"repeat {r + 1}/{repeats} {m}: {sample.wall_s:.1f} s, "
-                    f"{sample.peak_rss_bytes / 2**30:.2f} GiB",
+                    f"{sample.peak_rss_bytes / 2**30:.2f} GiB{gpu}",
                     err=True,
                 )
     click.echo(

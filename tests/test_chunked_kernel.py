@@ -18,6 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from mergekit.merge_methods import merge_tensors
 from reference import reference_merge
+from strategies import matrices
 
 import mergekit_pcb  # noqa: F401  (registers pcb)
 from mergekit_pcb.kernel import experts, runtime, selection, torch_ops
@@ -62,26 +63,6 @@ def test_many_chunks_and_block_extremes_match_reference(monkeypatch, threads, d,
         assert torch.equal(chunked, whole), f"{count} thread(s)"
     expected = reference_merge(base, experts, pcb_ratio=0.2, clamp_ratio=5e-4, lam=1.1)
     assert_close_to_reference(whole, expected)
-
-
-@st.composite
-def matrices(draw):
-    n = draw(st.integers(1, 4))
-    d = draw(st.integers(1, 3000))
-    seed = draw(st.integers(0, 2**31 - 1))
-    kind = draw(st.sampled_from(["normal", "ties", "zeros", "signed zeros"]))
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, d, generator=g, dtype=torch.float64)
-    if kind == "ties":
-        x = torch.round(x * 2)
-    elif kind == "zeros":
-        x *= torch.rand(n, d, generator=g, dtype=torch.float64) < 0.05
-    elif kind == "signed zeros":
-        x = torch.where(x > 0, torch.zeros_like(x), -torch.zeros_like(x))
-    dtype = draw(st.sampled_from([torch.float32, torch.float64]))
-    extreme = draw(st.integers(0, 3))
-    ranks = [extreme, d - 1 - min(extreme, d - 1), d // 2, int(d * 0.8)]
-    return x.to(dtype), [min(max(k, 0), d - 1) for k in ranks]
 
 
 @settings(max_examples=40, deadline=None)

@@ -14,8 +14,8 @@ import pytest
 import torch
 from conftest import assert_close_to_reference
 from hypothesis import given, settings
-from hypothesis import strategies as st
 from reference import reference_merge, reference_task_vector
+from strategies import matrices
 
 from mergekit_pcb import kernel
 from mergekit_pcb.kernel import bindings, runtime, selection
@@ -123,25 +123,8 @@ def test_gpu_chunks_are_large(gpu_style):
     assert len(runtime.column_chunks(n, d)) > 300  # the CPU's cache-sized chunks
 
 
-@st.composite
-def matrices(draw):
-    n, d = draw(st.integers(1, 4)), draw(st.integers(1, 400))
-    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
-    x = torch.randn(n, d, generator=g, dtype=torch.float64)
-    kind = draw(st.sampled_from(["normal", "ties", "zeros", "signed zeros"]))
-    if kind == "ties":
-        x = torch.round(x * 2)
-    elif kind == "zeros":
-        x *= torch.rand(n, d, generator=g, dtype=torch.float64) < 0.05
-    elif kind == "signed zeros":
-        x = torch.where(x > 0, torch.zeros_like(x), -torch.zeros_like(x))
-    dtype = draw(st.sampled_from([torch.float32, torch.float64]))
-    ranks = draw(st.lists(st.integers(0, d - 1), min_size=1, max_size=4)) + [0, d - 1]
-    return x.to(dtype), ranks
-
-
 @settings(max_examples=60, deadline=None)
-@given(matrices())
+@given(matrices(max_columns=400))
 def test_selection_on_the_device_equals_sort(case):
     x, ranks = case
     got = selection._select_on_device(x, ranks)
