@@ -130,7 +130,7 @@ def test_refuses_existing_search_and_changed_config(toy, tmp_path):
         _run(toy, out, budget=3, resume=True, seed=4)
 
 
-def _python_search(toy, tmp_path, name, **overrides):
+def _python_search(toy, tmp_path, name, base=None, **overrides):
     """A search whose tasks are python functions with kwargs, on a base without tokenizer."""
     bare = tmp_path / "bare-base"
     if not bare.exists():
@@ -147,7 +147,7 @@ def _python_search(toy, tmp_path, name, **overrides):
     fn = "kw_scorers:score"
     cfg = search_config(
         toy,
-        base_model=str(bare),
+        base_model=str(base or bare),
         evaluation={
             "tasks": [
                 {
@@ -174,19 +174,36 @@ def _python_search(toy, tmp_path, name, **overrides):
     return tmp_path / name, load_config(yml)
 
 
-def test_python_tasks_take_kwargs_and_need_no_tokenizer(toy, tmp_path):
+def test_python_tasks_take_kwargs_and_need_no_tokenizer(toy, tmp_path, caplog):
     out, cfg = _python_search(
         toy, tmp_path, "py", optimizer={"budget": 3, "popsize": 2, "sigma": 0.3, "seed": 0}
     )
-    report = run_search(cfg, out, RunOptions(progress=False, root=tmp_path))
+    with caplog.at_level("WARNING", logger="mergekit_pcb.evolve"):
+        report = run_search(cfg, out, RunOptions(progress=False, root=tmp_path))
     seen = sys.modules["kw_scorers"].SEEN
-    assert seen and all(t is None for t in seen)  # no task tokenizes: none was loaded
+    assert seen and all(t is None for t in seen)  # the base has no tokenizer files
+    said = [r.getMessage() for r in caplog.records if "tokenizer=None" in r.getMessage()]
+    assert len(said) == 1 and "bare-base" in said[0], said  # said once, naming the base
     history = _history(out)
     assert len(history) == 3
     for entry in history:  # the same function; only the kwargs differ
         assert entry["scores"]["b"] == pytest.approx(entry["scores"]["a"] + 1.0, abs=1e-6)
     tasks = report["tasks"]
     assert tasks["b"]["default_test"] == pytest.approx(tasks["b"]["default_search"] + 4.0, abs=1e-6)
+
+
+def test_python_tasks_get_the_bases_tokenizer_without_the_key(toy, tmp_path, caplog):
+    """As before the tokenizer: key existed: a python function may use the base's tokenizer."""
+    out, cfg = _python_search(toy, tmp_path, "with-tok", base=toy["base"], optimizer={"budget": 1})
+    assert cfg.tokenizer is None
+    with caplog.at_level("WARNING", logger="mergekit_pcb.evolve"):
+        run_search(cfg, out, RunOptions(progress=False, root=tmp_path))
+    seen = sys.modules["kw_scorers"].SEEN[-2:]  # the default's two tasks
+    from transformers import AutoTokenizer
+
+    vocab = AutoTokenizer.from_pretrained(toy["base"]).get_vocab()
+    assert all(t is not None and t.get_vocab() == vocab for t in seen)
+    assert not [r for r in caplog.records if "tokenizer" in r.getMessage()]
 
 
 def test_missing_tokenizer_fails_before_any_work(toy, tmp_path):

@@ -188,7 +188,7 @@ class TaskSpec(_Strict):
 
     @property
     def needs_tokenizer(self) -> bool:
-        """python tasks get ``tokenizer=None`` unless a ``tokenizer:`` key names one."""
+        """Whether the task fails without a tokenizer (python tasks get ``None`` then)."""
         return self.type != "python"
 
     @property
@@ -267,8 +267,8 @@ class EvolveConfig(_Strict):
     device: str = "cpu"
     cache: CacheOptions = Field(default_factory=CacheOptions)
     trust_remote_code: bool = False
-    # Where the tokenizer comes from (default: base_model); only task types that
-    # tokenize (every type but python) load one unless this key is given.
+    # Where the tokenizer comes from (default: base_model). Task types that tokenize
+    # (every type but python) fail without one; python tasks get None when none loads.
     tokenizer: str | None = None
 
     @field_validator("device")

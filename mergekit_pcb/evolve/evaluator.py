@@ -6,6 +6,7 @@ and distributed searches score candidates identically.
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
@@ -17,24 +18,37 @@ from mergekit_pcb.evolve.config import EvolveConfig, EvolveConfigError
 from mergekit_pcb.evolve.layout import Values
 from mergekit_pcb.evolve.tasks import checked, make_scorer
 
+LOG = logging.getLogger("mergekit_pcb.evolve")
 
-def load_tokenizer(cfg: EvolveConfig):
-    """The tokenizer, or None when no task tokenizes and no ``tokenizer:`` key names one.
 
-    Called by the search before anything is written or cached, so a base folder
-    without tokenizer files fails at once, with the key to fix, not after the cache.
+def load_tokenizer(cfg: EvolveConfig, *, warn: bool = True):
+    """The tokenizer every task gets: the ``tokenizer:`` key's, else the base model's.
+
+    Called by the search before anything is written or cached, so a tokenizer that a
+    task needs and that does not load fails at once, with the key to fix, not after
+    the cache. When only ``python`` tasks run and no ``tokenizer:`` key is given, they
+    still get the base's tokenizer (their functions may use it), and ``None``, said
+    once (``warn``), when the base has none, so such a base can still be searched.
     """
-    if cfg.tokenizer is None and not any(t.needs_tokenizer for t in cfg.evaluation.tasks):
-        return None
     from transformers import AutoTokenizer
 
     source = cfg.tokenizer or cfg.base_model
+    needed = cfg.tokenizer is not None or any(t.needs_tokenizer for t in cfg.evaluation.tasks)
     try:
         return AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
     except Exception as exc:  # missing files, sentencepiece, ...: the user's to fix
+        cause = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if not needed:
+            if warn:
+                LOG.warning(
+                    "no tokenizer loads from base_model '%s' (%s): python task functions get "
+                    "tokenizer=None; name one with the 'tokenizer:' key if they need it",
+                    source,
+                    cause,
+                )
+            return None
         users = [t.name for t in cfg.evaluation.tasks if t.needs_tokenizer]
         why = f"task(s) {', '.join(users)} tokenize text" if users else "the tokenizer key"
-        cause = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise EvolveConfigError(
             f"tokenizer: cannot load a tokenizer from '{source}' (needed by {why}): {cause}. "
             "Name a folder or hub id with tokenizer files in the 'tokenizer:' key; "
@@ -46,8 +60,8 @@ def load_model(cfg: EvolveConfig, tokenizer=None):
     from mergekit.common import dtype_from_name
     from transformers import AutoModelForCausalLM
 
-    if tokenizer is None:
-        tokenizer = load_tokenizer(cfg)
+    if tokenizer is None:  # the search already said when there is none
+        tokenizer = load_tokenizer(cfg, warn=False)
     model = AutoModelForCausalLM.from_pretrained(
         cfg.base_model, dtype=dtype_from_name(cfg.dtype), trust_remote_code=cfg.trust_remote_code
     ).to(cfg.device)
