@@ -5,14 +5,14 @@ Face Hub. A mistyped local path then ends in the Hub's "Repo id must be in the f
 and a mistyped name without network in ~27 s of retries; neither says that no such folder
 exists. Here each reference is resolved the way the command will resolve it, and a miss
 is one line naming the path, the folder it was resolved against and, where the other
-folder a user may have meant holds it, that folder. A name that can only be a Hub id is
-looked up in the local Hugging Face cache; the Hub itself is asked once, briefly, and when
-it cannot be reached the process goes offline so nothing later retries it.
+folder a user may have meant holds it, that folder. For a name that can only be a Hub id
+the Hub is asked once, briefly (never with HF_HUB_OFFLINE set): mergekit 0.1.5 lists a Hub
+model's files online before every merge, even when the model is in the local cache, so
+without an answer from the Hub such a merge cannot start.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -20,8 +20,6 @@ from pathlib import Path
 from typing import Any
 
 from mergekit_pcb.config_errors import ConfigError, one_line
-
-LOG = logging.getLogger(__name__)
 
 HUB_TIMEOUT_S = 3.0  # one request; huggingface_hub itself retries for ~27 s
 _TRUE = {"1", "ON", "YES", "TRUE"}
@@ -76,28 +74,13 @@ def hub_problem() -> str | None:
     return _probe["hub"]
 
 
-def go_offline() -> None:
-    """No later Hub request (transformers, mergekit's model card) waits for retries."""
-    from huggingface_hub import constants
-
-    constants.HF_HUB_OFFLINE = True
-    os.environ["HF_HUB_OFFLINE"] = "1"
-
-
-def _cached(repo_id: str, revision: str | None) -> bool:
-    from huggingface_hub import try_to_load_from_cache
-
-    return isinstance(try_to_load_from_cache(repo_id, "config.json", revision=revision), str)
-
-
-def _check_path(where: str, path: str, revision: str | None, folders: Folders) -> bool:
-    """Raise a one-line ConfigError on a miss; True if the path is a Hub id found in the cache
-    while the Hub cannot be reached (the caller then goes offline)."""
+def _check_path(where: str, path: str, folders: Folders) -> None:
+    """A one-line ConfigError where ``path`` names no local folder and no reachable Hub id."""
     expanded = os.path.expanduser(path)
     relative = not os.path.isabs(expanded)
     target = Path(os.path.normpath(folders.root / expanded if relative else expanded))
     if target.is_dir():
-        return False
+        return
     other = None
     if relative and folders.other is not None:
         candidate = Path(os.path.normpath(folders.other / expanded))
@@ -113,14 +96,12 @@ def _check_path(where: str, path: str, revision: str | None, folders: Folders) -
             f"{where}: model '{path}': no such local folder {target}{read_from}{hint}"
         )
     problem = hub_problem()
-    if problem is None:
-        return False  # a Hub id; the Hub answers for it
-    if _cached(path, revision):
-        return True
-    raise ConfigError(
-        f"{where}: model '{path}': no local folder {target}{read_from}, and as a Hugging Face "
-        f"Hub id it is not in the local cache and {problem}"
-    )
+    if problem is not None:  # else a Hub id, which the Hub answers for
+        raise ConfigError(
+            f"{where}: model '{path}': no local folder {target}{read_from}, and as a Hugging "
+            f"Face Hub id it needs the Hub (mergekit lists its files there even when cached), "
+            f"but {problem}"
+        )
 
 
 def check_models(references: Iterable[tuple[str, Any]], folders: Folders) -> None:
@@ -128,7 +109,7 @@ def check_models(references: Iterable[tuple[str, Any]], folders: Folders) -> Non
     (``path[@revision][+lora]``); raises :class:`ConfigError` on the first miss."""
     from mergekit.common import ModelReference
 
-    seen, offline_hits = set(), False
+    seen = set()
     for where, reference in references:
         if isinstance(reference, str):
             reference = ModelReference.parse(reference)
@@ -136,13 +117,9 @@ def check_models(references: Iterable[tuple[str, Any]], folders: Folders) -> Non
         if reference.lora is not None:
             parts.append((f"{where} (LoRA)", reference.lora))
         for label, model in parts:
-            key = (model.path, model.revision)
-            if key not in seen:
-                seen.add(key)
-                offline_hits |= _check_path(label, model.path, model.revision, folders)
-    if offline_hits and not offline():
-        LOG.warning("%s; using the local Hugging Face cache only", hub_problem())
-        go_offline()
+            if model.path not in seen:
+                seen.add(model.path)
+                _check_path(label, model.path, folders)
 
 
 def merge_config_references(config: Any) -> list[tuple[str, Any]]:

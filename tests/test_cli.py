@@ -133,3 +133,27 @@ def test_merge_writes_the_card_for_local_folders_named_bare(family, tmp_path):
     card = (out / "README.md").read_text()
     assert (out / "mergekit_config.yml").read_text() == config
     assert "huggingface.co/base" not in card and f"* {names[1]}" in card
+
+
+def test_demo_keeps_its_inputs_and_ends_with_what_to_run_next(tmp_path):
+    """Issue 14, row 12: the saved config pointed at a deleted temporary folder."""
+    out = tmp_path / "demo"
+    result = CliRunner().invoke(cli, ["demo", str(out)])
+    assert result.exit_code == 0, result.output
+    inputs = (out / "inputs").resolve()
+    assert sorted(p.name for p in inputs.iterdir()) == ["base", "expert0", "expert1", "expert2"]
+    saved = (out / "mergekit_config.yml").read_text()
+    assert f"base_model: {inputs / 'base'}" in saved
+    config = out.resolve() / "mergekit_config.yml"
+    last = result.output.rstrip().splitlines()[-1]
+    assert last == (
+        f"next: edit pcb_ratio, lambda or the weights in {config}, then "
+        f"mergekit-pcb merge {config} ./pcb-demo-2"
+    )
+    # The command it names runs, on the kept inputs, and gives the demo's model again.
+    again = tmp_path / "again"
+    rerun = CliRunner().invoke(cli, ["merge", str(config), str(again), "--no-copy-tokenizer"])
+    assert rerun.exit_code == 0, rerun.output
+    first, second = load_tensors(out), load_tensors(again)
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)

@@ -226,3 +226,154 @@ def test_valid_config_still_merges_after_errors(family, tmp_path):
     config = write(tmp_path / "c.yml", config_text(family, parameters="{pcb_ratio: 0.2}"))
     code, _ = invoke("merge", config, tmp_path / "out", "--quiet")
     assert code == 0 and (tmp_path / "out" / "config.json").exists()
+
+
+# Issue 14: settings strict validation let through, or answered with a pydantic dump.
+SHAPE_ERRORS = [
+    # `[]` gives no value: mergekit silently merged with the default 0.1.
+    (
+        "pcb_ratio-empty",
+        {"parameters": "{pcb_ratio: []}"},
+        "pcb: config.parameters.pcb_ratio: parameter 'pcb_ratio' got [] (no value: mergekit "
+        "would use the default); allowed: a number in (0, 1], the fraction of entries each "
+        "model keeps",
+    ),
+    (
+        "pcb_ratio-null",
+        {"parameters": "{pcb_ratio: null}"},
+        "pcb: config.parameters.pcb_ratio: parameter 'pcb_ratio' got null; allowed: a number "
+        "in (0, 1], the fraction of entries each model keeps",
+    ),
+    (
+        "filter-key-typo",
+        {"parameters": "{pcb_ratio: [{filter: mlp, valeu: 0.2}, {value: 0.1}]}"},
+        "config.parameters.pcb_ratio[0]: unknown key 'valeu' in a filter entry; did you mean "
+        "'value'? (allowed keys: value, filter)",
+    ),
+    (
+        "filter-without-value",
+        {"parameters": "{pcb_ratio: [{filter: mlp}]}"},
+        "config.parameters.pcb_ratio[0]: filter entry without 'value'; allowed: "
+        "{filter: ..., value: ...}",
+    ),
+    (
+        "weight-null-per-model",
+        {"weight": "null"},
+        "pcb: models[0].parameters.weight: parameter 'weight' got null; allowed: a finite "
+        "number, this model's task coefficient",
+    ),
+    (
+        "nested-gradient",
+        {"parameters": "{lambda: [[1.0, 2.0]]}"},
+        "config.parameters.lambda[0]: got [1.0, 2.0]; allowed: a number or string, or a "
+        "gradient (a flat list of them)",
+    ),
+    (
+        "dtype-float8",
+        {"extra": "dtype: float8\n"},
+        "{config}: dtype: 'float8' is not a dtype mergekit merges in (allowed: bfloat16, "
+        "float16, float32, float64)",
+    ),
+    (
+        "out_dtype-int64",
+        {"extra": "out_dtype: int64\n"},
+        "{config}: out_dtype: 'int64' is not a dtype mergekit merges in (allowed: bfloat16, "
+        "float16, float32, float64)",
+    ),
+]
+
+
+@pytest.mark.parametrize("case,kwargs,message", SHAPE_ERRORS, ids=[c[0] for c in SHAPE_ERRORS])
+def test_settings_mergekit_would_mangle_are_one_line(family, tmp_path, case, kwargs, message):
+    """Rows 5, 6, 11 of issue 14: each is one line naming the key, before anything is written."""
+    config = write(tmp_path / "c.yml", config_text(family, **kwargs))
+    code, stderr = invoke("merge", config, tmp_path / "out")
+    assert code != 0
+    assert stderr == f"Error: {message.replace('{config}', str(config))}\n", stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_every_dtype_allowed_is_one_mergekit_merges_in(family, tmp_path):
+    """The allowed list is asked of mergekit, so each entry must really merge."""
+    from mergekit_pcb.config_check import merge_dtypes
+
+    assert merge_dtypes() == ["bfloat16", "float16", "float32", "float64"]
+    for dtype in ("torch.float16", "bfloat16"):  # mergekit accepts the torch. prefix too
+        validate_config(config_text(family, extra=f"dtype: {dtype}\n"))
+
+
+@pytest.fixture(scope="module")
+def large(tmp_path_factory, family):
+    """Base and two experts whose final norm weights sit near float16's limit (65504):
+    base 40000, experts up to 60000, so base + 2 * m reaches ~80000."""
+    from safetensors.torch import save_file
+
+    root = tmp_path_factory.mktemp("large")
+    generator = torch.Generator().manual_seed(0)
+    paths = []
+    for source in family.models[:3]:
+        target = root / source.name
+        shutil.copytree(source, target)
+        tensors = load_tensors(source)
+        norm = torch.full_like(tensors["model.norm.weight"], 40000.0)
+        if source != family.base:
+            norm += 20000 * torch.rand(norm.shape, generator=generator)
+        tensors["model.norm.weight"] = norm
+        save_file(tensors, target / "model.safetensors", metadata={"format": "pt"})
+        paths.append(target)
+    return paths
+
+
+def large_config(large, extra: str) -> str:
+    base, e0, e1 = large
+    return (
+        f"merge_method: pcb\nbase_model: {base}\nmodels:\n  - model: {e0}\n  - model: {e1}\n"
+        f"parameters: {{lambda: 2.0, pcb_ratio: 0.5}}\n{extra}\n"
+    )
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (
+            "dtype: float16",
+            "the merged values exceed float16's range (+-65504) and would be written as inf; "
+            "allowed: values within it (set dtype: bfloat16 or dtype: float32)",
+        ),
+        (
+            "out_dtype: float16",
+            "the merged values reach {peak}, beyond float16's range (+-65504) and would be "
+            "written as inf; allowed: values within it (set out_dtype: bfloat16 or "
+            "out_dtype: float32)",
+        ),
+    ],
+    ids=["dtype", "out_dtype"],
+)
+def test_float16_overflow_names_tensor_dtype_and_fix(large, tmp_path, extra, message):
+    """Row 9 of issue 14: mergekit wrote inf with exit status 0."""
+    # The same merge in float32 is finite and really exceeds float16's range.
+    code, stderr = invoke(
+        "merge", write(tmp_path / "f32.yml", large_config(large, "")), tmp_path / "a"
+    )
+    assert code == 0, stderr
+    norm = load_tensors(tmp_path / "a")["model.norm.weight"]
+    peak = float(norm.abs().max())
+    assert torch.isfinite(norm).all() and peak > 65520  # 65520 and above round to inf
+    config = write(tmp_path / "c.yml", large_config(large, extra))
+    code, stderr = invoke("merge", config, tmp_path / "b", "--no-copy-tokenizer")
+    assert code != 0 and "Traceback" not in stderr
+    expected = message.format(peak=f"{peak:.6g}")
+    assert (
+        last_error_line(stderr) == f"Error: ValueError: pcb: tensor 'model.norm.weight': {expected}"
+    )
+    assert not (tmp_path / "b" / "config.json").exists()
+
+
+def test_float16_overflow_through_mergekit_yaml(large, tmp_path):
+    """The check is the method's, so the unmodified mergekit-yaml stops too."""
+    config = write(tmp_path / "c.yml", large_config(large, "dtype: float16"))
+    result = run_tool("mergekit-yaml", config, tmp_path / "out", "--quiet")
+    assert result.returncode != 0
+    line = last_error_line(result.stderr)
+    assert "model.norm.weight" in line and "float16" in line and "dtype: float32" in line, line
+    assert not (tmp_path / "out" / "config.json").exists()

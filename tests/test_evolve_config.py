@@ -224,3 +224,49 @@ def test_new_keys_keep_old_fingerprints(tmp_path, good):
     assert cfg.fingerprint() == expected
     swept = {**good, "optimizer": {"sweep": [2, 2]}}
     assert load_config(_write(tmp_path, swept)).fingerprint() != expected
+
+
+def _available() -> list[str]:
+    """Devices torch offers here, listed independently of the code under test."""
+    import torch
+
+    found = ["cpu"]
+    if torch.cuda.is_available():
+        found += ["cuda"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    if torch.backends.mps.is_available():
+        found.append("mps")
+    return found
+
+
+@pytest.mark.parametrize("device", ["cuda", "cuda:99"])
+def test_unavailable_device_fails_before_out_dir(tmp_path, good, device):
+    """Issue 14, row 4: was an AssertionError traceback from load_model, run.json left."""
+    import torch
+    from click.testing import CliRunner
+
+    from mergekit_pcb.cli import main as cli
+
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    for name in ("base", "a", "b"):  # folders are enough: the device fails before loading
+        (tmp_path / "m" / name).mkdir(parents=True)
+    good["base_model"], good["models"] = "m/base", ["m/a", "m/b"]
+    out = tmp_path / "out"
+    result = CliRunner().invoke(
+        cli, ["evolve", str(_write(tmp_path, good)), str(out), "--device", device]
+    )
+    assert result.exit_code != 0
+    line = result.stderr.strip()
+    assert len(line.splitlines()) == 1 and "Traceback" not in line, result.stderr
+    assert line.startswith(f"Error: device: '{device}' is not available (")
+    assert line.endswith(f"); allowed here: {', '.join(_available())}")
+    if not torch.cuda.is_available():
+        assert f"torch {torch.__version__} " in line
+    assert not out.exists()
+
+
+def test_device_that_is_not_a_torch_device(tmp_path, good):
+    good["device"] = "gpu"
+    assert "device: 'gpu' is not a torch device; allowed: cpu, cuda, cuda:N, mps" in _error(
+        tmp_path, good
+    )

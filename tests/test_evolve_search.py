@@ -255,3 +255,61 @@ def test_start_point_and_sweep_come_first_and_cma_starts_at_their_best(toy, tmp_
     assert best_warm["kind"] != "default"  # else this test could not tell the start apart
     for e in history[6:]:
         assert e["x"] == pytest.approx(best_warm["x"], abs=1e-2)
+
+
+WITHOUT_MATPLOTLIB = """
+import sys
+sys.modules["matplotlib"] = None  # as if the [plot] extra were not installed
+from mergekit_pcb.cli import main
+sys.argv = ["mergekit-pcb", "evolve", {yml!r}, {out!r}, "--no-progress"]
+main()
+"""
+
+
+def test_cli_without_matplotlib_warns_once_and_prints_the_summary(toy, tmp_path):
+    """Issue 14, rows 13 and 14: progress.png went missing silently (only cma's own
+    matplotlib warning), and the summary was one cryptic line."""
+    from conftest import run_python
+
+    cfg = search_config(toy, optimizer={"budget": 4, "popsize": 3, "sigma": 0.3, "seed": 0})
+    yml = write_config(tmp_path / "search.yml", cfg)
+    out = tmp_path / "out"
+    result = run_python(
+        WITHOUT_MATPLOTLIB.format(yml=str(yml), out=str(out)), env={"HF_HUB_OFFLINE": "1"}
+    )
+    assert result.returncode == 0, result.stderr
+    assert [line for line in result.stderr.splitlines() if "matplotlib" in line] == [
+        "WARNING mergekit_pcb.evolve: progress.png skipped: matplotlib is not installed "
+        "(pip install 'mergekit-pcb[plot]')"
+    ]
+    assert not (out / "progress.png").exists()
+
+    report = json.loads((out / "report.json").read_text())
+    lines = result.stdout.splitlines()
+
+    def row(label: str) -> list[str]:
+        (line,) = [line for line in lines if line.startswith(label)]
+        return line[len(label) :].split()
+
+    def numbers(*values) -> list[str]:
+        return [f"{v:.6g}" for v in values]
+
+    assert row("objective (higher is better)") == numbers(
+        report["default_score"],
+        report["best_score"],
+        report["default_test_score"],
+        report["best_test_score"],
+    )
+    for task in ("max", "cipher"):
+        scores = report["tasks"][task]
+        assert row(f"{task} (loss, lower is better)") == numbers(
+            scores["default_search"],
+            scores["best_search"],
+            scores["default_test"],
+            scores["best_test"],
+        )
+    assert lines[-2] == (
+        f"best of 4 candidates: {out / 'best.yml'}; files in {out}: best.yml, report.json, "
+        "history.jsonl"
+    )
+    assert lines[-1] == f"next: mergekit-yaml {out / 'best.yml'} ./merged  (the model it scored)"

@@ -1,9 +1,10 @@
-"""Build the tiny models that examples/evolve.yml searches over (seconds, no download).
+"""Build the tiny models that examples/evolve.yml searches over (no download).
 
     python examples/data/make_models.py examples/models
 
 A random base and two experts really fine-tuned from it on toy tasks (``max``,
-``cipher`` from benchmarks/toy.py), with the character tokenizer saved alongside.
+``cipher`` from benchmarks/toy.py), with the character tokenizer saved alongside. The
+fine-tuning (150 steps per expert) takes most of the ~45 s this needs on 2 CPU cores.
 """
 
 import copy

@@ -508,8 +508,6 @@ def check_inputs(cfg: EvolveConfig, root: Path | None, *, device: bool = True) -
         )
     references = [("base_model", cfg.base_model)]
     references += [(f"models[{i}]", model) for i, model in enumerate(cfg.models)]
-    if cfg.tokenizer:
-        references.append(("tokenizer", cfg.tokenizer))
     try:
         check_models(references, folders)
     except ConfigError as exc:

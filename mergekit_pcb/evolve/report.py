@@ -159,7 +159,7 @@ def format_summary(report: dict, tasks: list, out: Path) -> str:
         )
     width = max(len(row[0]) for row in rows)
     lines = [
-        f"{'':<{width}}  {'search split':^23}  {'test split':^23}",
+        f"{'':<{width}}  {'search split':^23}  {'test split':^23}".rstrip(),
         f"{'':<{width}}  {'default':>11} {'best':>11}  {'default':>11} {'best':>11}",
     ]
     for label, *values in rows:
