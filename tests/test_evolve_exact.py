@@ -55,17 +55,32 @@ def _mergekit(cfg, values, layout, tmp_path) -> dict:
     return load_tensors(out)
 
 
-@pytest.mark.parametrize("dtype,groups,disk", [("float32", 2, False), ("bfloat16", 1, True)])
-def test_candidate_equals_mergekit_yaml(family, tmp_path, dtype, groups, disk):
-    cfg = _cfg(family, tmp_path, dtype=dtype, search={"layer_groups": groups})
+@pytest.mark.parametrize(
+    "dtype,groups,disk,clamp",
+    [("float32", 2, False, 0.01), ("bfloat16", 1, True, 0.01), ("bfloat16", 1, False, 0.0)],
+)
+def test_candidate_equals_mergekit_yaml(family, tmp_path, dtype, groups, disk, clamp):
+    """clamp_ratio 0.01 takes the stored path on these tensors, 0.0 the streamed one."""
+    cfg = _cfg(
+        family,
+        tmp_path,
+        dtype=dtype,
+        search={"layer_groups": groups},
+        parameters={"clamp_ratio": clamp},
+    )
     ratios = (0.3, 0.07)[:groups]
     values = layout_mod.Values(ratios, 1.37, (0.9, 1.2, 0.6))
     layout, group_of, cache, state = _search_state(
         cfg, values, cache_dir=tmp_path / "cache", force_disk=disk
     )
-    if disk:
-        assert all(t.file for t in cache.tensors)
-        assert list((tmp_path / "cache").glob("*.safetensors"))
+    flavours = {t.statistics.flavour for t in cache.tensors if not t.unchanged}
+    assert flavours == ({"streamed"} if clamp == 0.0 else {"stored"})
+    if disk:  # the statistics on disk, and the inputs read where they are
+        reopened = cache_mod.TensorCache.open(
+            tmp_path / "cache", cache_mod.fingerprint(cfg, group_of)
+        )
+        assert reopened is not None and reopened.names == cache.names
+        assert all(t.sources is not None for t in reopened.tensors)
     merged = _mergekit(cfg, values, layout, tmp_path)
     base = load_tensors(family.base)
     assert set(state) <= set(merged)
@@ -122,23 +137,25 @@ def test_best_yml_resolves_to_used_values(family, tmp_path):
 
 
 def test_cache_inputs_and_storage_do_not_change_the_merge(family, bin_family, tmp_path):
-    """Pickled .bin inputs and a cache split between memory and disk give the same floats."""
+    """Pickled .bin inputs (kept by the cache, split between memory and disk) give the
+    floats of memory-mapped safetensors inputs."""
     values = layout_mod.Values((0.25,), 0.8, (1.1, 0.7, 1.3))
     cfg = _cfg(family, tmp_path)
     *_, in_memory = _search_state(cfg, values)
 
-    layout = layout_mod.build_layout(cfg)
-    planned, groups = layout_mod.tensor_groups(cfg, layout)
-    budget = 4 * sum(p.numel() for p in load_tensors(family.base).values())  # ~ a third
-    mixed = cache_mod.build(planned, groups, cfg, cache_dir=tmp_path / "spill", memory_bytes=budget)
+    bin_cfg = _cfg(bin_family, tmp_path)
+    layout = layout_mod.build_layout(bin_cfg)
+    planned, groups = layout_mod.tensor_groups(bin_cfg, layout)
+    budget = 4 * 4 * sum(p.numel() for p in load_tensors(family.base).values()) / 3  # ~ a third
+    mixed = cache_mod.build(
+        planned, groups, bin_cfg, cache_dir=tmp_path / "spill", memory_bytes=budget
+    )
+    assert all(t.sources is None for t in mixed.tensors)  # nothing to memory-map
     on_disk = [t.file is not None for t in mixed.tensors]
     assert any(on_disk) and not all(on_disk)
-    model, _ = load_model(cfg)
+    model, _ = load_model(bin_cfg)
     writer = ModelWriter(model, mixed)
     writer.write(values)
-    assert all(torch.equal(in_memory[n], t) for n, t in writer.state().items())
-
-    bin_cfg = _cfg(bin_family, tmp_path)
-    *_, from_bin = _search_state(bin_cfg, values)
+    from_bin = writer.state()
     assert from_bin.keys() == in_memory.keys()
     assert all(torch.equal(in_memory[n], t) for n, t in from_bin.items())

@@ -13,6 +13,7 @@ from conftest import check, run_tool
 from evolve_support import family as toy_family
 from evolve_support import search_config, write_config
 
+from mergekit_pcb.evolve.cache import snap_ratio
 from mergekit_pcb.evolve.config import EvolveConfigError, TaskSpec, load_config
 from mergekit_pcb.evolve.search import RunOptions, run_search
 
@@ -248,7 +249,8 @@ def test_start_point_and_sweep_come_first_and_cma_starts_at_their_best(toy, tmp_
     # search_config: lambda [0.5, 2.5], pcb_ratio [0.05, 0.9], weight [0.5, 1.5].
     assert history[1]["values"] == {"pcb_ratio": [0.3], "lambda": 2.0, "weight": [1.0, 1.0]}
     grid = [(e["values"]["lambda"], e["values"]["pcb_ratio"][0]) for e in history[2:6]]
-    expected = [(lam, r) for lam in (1.0, 2.0) for r in (0.2625, 0.6875)]
+    # pcb_ratio snapped to the cached levels (3 decimals), as every candidate's is.
+    expected = [(lam, snap_ratio(r, 0.05, 0.9)) for lam in (1.0, 2.0) for r in (0.2625, 0.6875)]
     assert grid == [pytest.approx(pair) for pair in expected]
     assert all(e["values"]["weight"] == [1.0, 1.0] for e in history[2:6])
     best_warm = max(history[:6], key=lambda e: e["objective"])

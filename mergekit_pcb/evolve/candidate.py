@@ -1,22 +1,32 @@
 """A candidate: search coordinates -> PCB values -> weights written into the loaded model.
 
 CMA-ES works in the unit cube (every searched quantity scaled to [0, 1], so one
-``sigma`` fits all); fixed quantities are not coordinates at all. The merge of a
-candidate runs only spec steps 9-11 on the cached T~/B, with the kernel's own
-functions, so its floats are those of ``mergekit-yaml`` on ``best.yml``.
+``sigma`` fits all); fixed quantities are not coordinates at all. ``pcb_ratio``
+is snapped to the cache's levels (:func:`.cache.snap_ratio`), so that its cut is
+known. A candidate's merge recomputes B from the inputs chunk by chunk and
+combines it at once (:func:`mergekit_pcb.kernel.known_cuts.merge`: one pass per
+tensor, written straight into the loaded model), with the kernel's own loops
+or torch ops, so its floats are those of ``mergekit-yaml`` on ``best.yml``.
+
+With ``device: cuda`` the merge runs on the GPU (the torch ops, as ``mergekit-yaml
+--cuda`` runs them): the inputs stay resident there while they fit
+``cache.gpu_memory_gb``, and the rest pass through a pinned host buffer per
+candidate (:class:`DeviceInputs`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
 from mergekit_pcb import kernel
-from mergekit_pcb.evolve.cache import CachedTensor, TensorCache
+from mergekit_pcb.evolve.cache import CachedTensor, TensorCache, snap_ratio
 from mergekit_pcb.evolve.config import EvolveConfig
 from mergekit_pcb.evolve.layout import Values
-from mergekit_pcb.parameters import PCB_RATIO
+from mergekit_pcb.kernel import known_cuts
 
 
 @dataclass(frozen=True)
@@ -63,7 +73,7 @@ class Genome:
             u = min(1.0, max(0.0, float(u)))
             value = c.low + u * (c.high - c.low)
             if c.kind == "pcb_ratio":
-                ratios[c.index] = min(PCB_RATIO.high, max(value, 1e-12))  # inside (0, 1]
+                ratios[c.index] = snap_ratio(value, c.low, c.high)  # a level: its cut is cached
             elif c.kind == "lambda":
                 lam = value
             else:
@@ -84,33 +94,139 @@ class Genome:
         return out
 
 
-def merged_tensor(tensor: CachedTensor, arrays: dict, values: Values) -> torch.Tensor:
-    """Steps 9-11 for one tensor: drop, weighted combine, base + lambda * m (flat)."""
-    base = arrays["base"]
+def merged_tensor(
+    cache: TensorCache,
+    tensor: CachedTensor,
+    base: torch.Tensor,
+    experts: Sequence[torch.Tensor],
+    values: Values,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One tensor of the candidate (flat), from its inputs (base and experts in the
+    cache's row order): into ``out`` where given and the known-cut merge applies."""
     if tensor.unchanged:
         return base
-    clipped, score = arrays["clipped"], arrays["score"]
     weights_of = [values.weights[r] for r in tensor.rows]
-    # Rows are in the canonical content order; experts with identical content tie-break
-    # by weight there, and their rows are identical, so only the coefficients move.
+    # Rows are in the canonical content order; experts with equal content keys
+    # tie-break by weight, as the merge orders them.
     order = kernel.order_by(tensor.keys, weights_of)
-    coefficients = torch.tensor([weights_of[j] for j in order], dtype=clipped.dtype)
+    coefficients = [weights_of[j] for j in order]
+    experts = [experts[j] for j in order]
     ratio = values.pcb_ratio[tensor.group]
-    threshold = top = None
-    if "cuts" in arrays:
-        rank = kernel.cut_index(score.shape[1], ratio) - int(arrays["cut_first"][0])
-        if 0 <= rank < arrays["cuts"].shape[1]:
-            threshold, top = arrays["cuts"][:, rank], arrays["top"]
-    # Without a table entry drop_weights selects the cut itself: the same value.
-    weights = kernel.drop_weights(score, ratio, threshold=threshold, top=top)  # cache untouched
-    merged = kernel.combine(clipped, weights, coefficients)
-    return kernel.add_scaled(base, merged, values.lambda_)
+    level = cache.level(ratio)
+    reordered = order != sorted(order)
+    if level is None or (reordered and tensor.distinct_ties):
+        # A ratio without a cached cut (or rows whose order changes B): the merge itself.
+        merge = (
+            kernel.merge_streamed
+            if tensor.statistics.flavour == known_cuts.STREAMED
+            else kernel.merge_stored
+        )
+        merged = merge(
+            base,
+            experts,
+            coefficients,
+            pcb_ratio=ratio,
+            clamp_ratio=tensor.clamp_ratio,
+            scale=values.lambda_,
+        )
+        return merged.reshape(-1)
+    stats = tensor.statistics.rows(order) if reordered else tensor.statistics
+    return known_cuts.merge(
+        base, experts, coefficients, stats, level, scale=values.lambda_, out=out
+    )
+
+
+def plan_residency(sizes: Sequence[int], budget: float) -> list[bool]:
+    """Which tensors' inputs (of these byte sizes, in merge order) stay on the GPU:
+    each one that still fits the budget, in order."""
+    resident, used = [], 0
+    for size in sizes:
+        fits = used + size <= budget
+        resident.append(fits)
+        used += size if fits else 0
+    return resident
+
+
+def _input_bytes(cache: TensorCache, tensor: CachedTensor) -> int:
+    numel = 1
+    for s in tensor.shape:
+        numel *= s
+    refs = cache.refs(tensor)
+    if refs is None:
+        return sum(a.numel() * a.element_size() for a in tensor.arrays.values())
+    return sum(numel * getattr(torch, ref.dtype).itemsize for ref in refs)
+
+
+class DeviceInputs:
+    """The inputs of every tensor on the merge's device (a GPU).
+
+    Resident where they fit ``budget`` bytes (copied there once); the others are
+    copied per candidate from the memory-mapped files through one pinned host
+    buffer (reused: each copy waits for the previous one to leave it).
+    """
+
+    def __init__(self, cache: TensorCache, device: torch.device, budget: float, pin: bool = True):
+        self.cache, self.device, self.pin = cache, torch.device(device), pin
+        sizes = [_input_bytes(cache, t) for t in cache.tensors]
+        self.resident_flags = plan_residency(sizes, budget)
+        self._index = {id(t): i for i, t in enumerate(cache.tensors)}
+        self._resident: dict[int, list[torch.Tensor]] = {}
+        for i, (tensor, keep) in enumerate(zip(cache.tensors, self.resident_flags, strict=True)):
+            if keep:
+                with cache.inputs(tensor) as (base, experts):
+                    self._resident[i] = [t.to(self.device, copy=True) for t in (base, *experts)]
+        self._staging: torch.Tensor | None = None
+        self._copied = None  # the event after the last copy out of the staging buffer
+
+    @contextmanager
+    def inputs(self, tensor: CachedTensor) -> Iterator[tuple[torch.Tensor, list[torch.Tensor]]]:
+        i = self._index[id(tensor)]
+        if i in self._resident:
+            found = self._resident[i]
+            yield found[0], found[1:]
+            return
+        with self.cache.inputs(tensor) as (base, experts):
+            staged = self._stage([base, *experts])
+        yield staged[0], staged[1:]
+
+    def _stage(self, host: list[torch.Tensor]) -> list[torch.Tensor]:
+        """``host`` on the device, through the pinned staging buffer."""
+        align = 64
+        offsets, total = [], 0
+        for t in host:
+            offsets.append(total)
+            total += -(-t.numel() * t.element_size() // align) * align
+        if self._staging is None or self._staging.numel() < total:
+            self._staging = None
+            self._staging = torch.empty(total, dtype=torch.uint8, pin_memory=self.pin)
+        if self._copied is not None:
+            self._copied.synchronize()  # the previous tensor has left the buffer
+        out = []
+        for t, offset in zip(host, offsets, strict=True):
+            nbytes = t.numel() * t.element_size()
+            view = self._staging[offset : offset + nbytes].view(t.dtype)
+            view.copy_(t.reshape(-1))
+            out.append(view.to(self.device, non_blocking=True, copy=True))
+        if self.device.type == "cuda":
+            self._copied = torch.cuda.Event()
+            self._copied.record()
+        return out
+
+
+def _gpu_budget(device: torch.device, gpu_memory_gb: float | None) -> float:
+    """cache.gpu_memory_gb in bytes; by default half the GPU's free memory (the model
+    is loaded by then; the rest is left to the scoring)."""
+    if gpu_memory_gb is not None:
+        return gpu_memory_gb * 1e9
+    free, _ = torch.cuda.mem_get_info(device)
+    return free / 2
 
 
 class ModelWriter:
     """Holds the candidate model's parameter handles and overwrites them in place."""
 
-    def __init__(self, model, cache: TensorCache):
+    def __init__(self, model, cache: TensorCache, gpu_memory_gb: float | None = None):
         targets = dict(model.named_buffers())
         targets.update(dict(model.named_parameters()))
         missing = [n for n in cache.names if n not in targets]
@@ -121,12 +237,27 @@ class ModelWriter:
             )
         self.cache = cache
         self.targets = [targets[n] for n in cache.names]
+        self.source = cache
+        if cache.device != "cpu":
+            device = next((t.device for t in self.targets), torch.device(cache.device))
+            budget = _gpu_budget(device, gpu_memory_gb)
+            self.source = DeviceInputs(cache, device, budget)
 
     @torch.no_grad()
     def write(self, values: Values) -> None:
         for tensor, target in zip(self.cache.tensors, self.targets, strict=True):
-            out = merged_tensor(tensor, self.cache.arrays(tensor), values)
-            target.data.copy_(out.view(tensor.shape))
+            with self.source.inputs(tensor) as (base, experts):
+                data = target.data
+                direct = (
+                    data.view(-1)
+                    if data.is_contiguous()
+                    and data.dtype == base.dtype
+                    and data.device == base.device
+                    else None
+                )
+                out = merged_tensor(self.cache, tensor, base, experts, values, direct)
+                if direct is None or out.data_ptr() != direct.data_ptr():
+                    data.copy_(out.view(tensor.shape))
 
     def state(self) -> dict[str, torch.Tensor]:
         """The merged tensors as they sit in the model (for checks against mergekit)."""

@@ -252,8 +252,11 @@ class Optimizer(_Strict):
 
 
 class CacheOptions(_Strict):
+    # In-memory budget for inputs the search cannot memory-map (e.g. pickled .bin files).
     memory_gb: float = Field(default=4.0, ge=0)
     dir: str | None = None
+    # device: cuda: inputs kept resident on the GPU (default: half its free memory).
+    gpu_memory_gb: float | None = Field(default=None, ge=0)
 
 
 class EvolveConfig(_Strict):

@@ -73,7 +73,7 @@ class Evaluator:
     def __init__(self, cfg: EvolveConfig, cache: TensorCache, root: Path | None = None):
         self.cfg = cfg
         self.model, self.tokenizer = load_model(cfg)
-        self.writer = ModelWriter(self.model, cache)
+        self.writer = ModelWriter(self.model, cache, cfg.cache.gpu_memory_gb)
         self.root = root
         self._scorers: dict[tuple[str, str], object] = {}
 

@@ -256,3 +256,68 @@ def combine_streamed(
     loops.finish_output(
         numerator, denominator, base_bits, shift, cols.start, cols.stop, f32(scale), target, to_bf16
     )
+
+
+def rank_values(row: torch.Tensor, ranks: Sequence[int]) -> torch.Tensor:
+    """``sorted(row)[k]`` for each k of ``ranks`` (ascending, no repeats) of a contiguous
+    CPU float32 row, as radix selection picks it (see loops.rank_patterns)."""
+    if row.numel() >= 1 << 31:
+        raise ValueError(f"a row of {row.numel()} elements is too long for rank_values")
+    out = np.empty(len(ranks), np.int32)
+    _loops().rank_patterns(row.view(torch.int32).numpy(), np.asarray(ranks, np.int64), out)
+    return torch.from_numpy(out).view(torch.float32)
+
+
+def _columns(source: Inputs, cols: slice) -> Inputs:
+    """The inputs' views from column ``cols.start`` on: the loops then index the chunk from 0."""
+    return Inputs(
+        [(bits[cols], shift) for bits, shift in source.experts],
+        (source.base[0][cols], source.base[1]),
+    )
+
+
+def merge_chunk_known(
+    source: Inputs,
+    cols: slice,
+    bounds: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    threshold: torch.Tensor,
+    span: torch.Tensor,
+    coefficients: torch.Tensor,
+    output: tuple[float, torch.Tensor],
+    scratch: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+) -> None:
+    """Steps 1-11 on ``cols`` with the cut ``threshold`` and ``span`` (= M - t) already
+    known: :func:`scores_streamed` then :func:`combine_streamed` on the chunk alone,
+    with B in an n x w ``scratch`` (scores, column total, numerator, denominator)
+    instead of an n x d buffer. The same loops on the same blocks: the same floats.
+    ``output``: (lambda, the flat output of d)."""
+    loops = _loops()
+    chunk = _columns(source, cols)
+    w = cols.stop - cols.start
+    score, total, numerator, denominator = (t.numpy() for t in scratch)
+    for i, expert in enumerate(chunk.experts):
+        loops.total_row((*expert, *chunk.base), 0, w, total, i == 0)
+    low, high, width = (b.tolist() for b in bounds)
+    f32 = np.float32
+    scale = f32(len(chunk.experts) * math.log2(math.e))
+    key = _no_keys(1)[0]  # the row maxima are known: the keys are not read
+    no_sample = np.empty(0, np.int32)
+    for i, expert in enumerate(chunk.experts):
+        loops.score_row(
+            (*expert, *chunk.base), 0, w, total, f32(low[i]), f32(high[i]), f32(width[i]), scale,
+            score[i], key, no_sample, 0,
+        )  # fmt: skip
+    numerator[:] = 0
+    denominator[:] = 0
+    t, kept, weight = threshold.tolist(), span.tolist(), coefficients.tolist()
+    for i, expert in enumerate(chunk.experts):
+        loops.combine_row(
+            (*expert, *chunk.base), 0, w, f32(low[i]), f32(high[i]), score[i],
+            f32(t[i]), f32(kept[i]), f32(weight[i]), numerator, denominator,
+        )  # fmt: skip
+    scale_out, out = output
+    target = out[cols].view(_PATTERNS[out.dtype][0]).numpy()
+    loops.finish_output(
+        numerator, denominator, *chunk.base, 0, w, f32(scale_out), target,
+        out.dtype == torch.bfloat16,
+    )  # fmt: skip

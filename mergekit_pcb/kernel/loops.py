@@ -402,3 +402,75 @@ def window_counts(bits, low, high, counts):
             counts[offsets[k] + 1] += 1
     counts[0] += below
     counts[-1] += above
+
+
+# rank_patterns: rows up to this many elements are sorted whole; longer ones are
+# counted in 2^_RANK_BITS bins of their order keys' top bits, then the bins holding a
+# rank are counted again by the remaining low bits (exact: the two parts are all 32).
+_RANK_SORT_ROW = 1 << 16
+_RANK_BITS = 20
+
+
+@njit(inline="always")
+def _order_key(b):
+    """A float32 pattern's signed-integer key in float order (-0.0 just below +0.0, as
+    radix selection orders them); the map is its own inverse."""
+    return b ^ ((b >> 31) & SIGN_FLIP)
+
+
+@njit(nogil=True, cache=True, boundscheck=False)
+def rank_patterns(bits, ranks, out):
+    """``sorted(row)[k]`` for every k of ``ranks`` (ascending, in [0, d)) as float32 bit
+    patterns into ``out``; ``bits`` is the row's int32 view (d < 2^31).
+
+    Two reads of a long row, whatever the data: one histogram of the keys' top
+    _RANK_BITS bits, which places every rank in a bin; then one histogram of the low
+    bits of the elements in those bins only (a slot per needed bin; every other bin
+    counts into slot 0, which keeps the loop free of branches), which places it on
+    one key. Ties (e.g. the zero scores of unchanged entries) cost nothing extra.
+    """
+    d = bits.shape[0]
+    m = ranks.shape[0]
+    if d <= _RANK_SORT_ROW:
+        keys = np.empty(d, np.int32)
+        for j in range(d):
+            keys[j] = _order_key(bits[j])
+        keys.sort()
+        for r in range(m):
+            out[r] = _order_key(keys[ranks[r]])
+        return
+    low_bits = 32 - _RANK_BITS
+    low_mask = (1 << low_bits) - 1
+    offset = np.int64(1) << 31  # signed key -> 0 .. 2^32 - 1, in the same order
+    counts = np.zeros(1 << _RANK_BITS, np.int32)
+    for j in range(d):
+        counts[(np.int64(_order_key(bits[j])) + offset) >> low_bits] += 1
+    # Each rank's bin and the elements below that bin (ranks ascend: one walk).
+    rank_bin = np.empty(m, np.int64)
+    below = np.empty(m, np.int64)
+    cumulative = np.int64(0)
+    position = 0
+    for r in range(m):
+        while cumulative + counts[position] <= ranks[r]:
+            cumulative += counts[position]
+            position += 1
+        rank_bin[r] = position
+        below[r] = cumulative
+    slot = np.zeros(1 << _RANK_BITS, np.int32)
+    slots = 0
+    for r in range(m):
+        if slot[rank_bin[r]] == 0:
+            slots += 1
+            slot[rank_bin[r]] = slots
+    low_counts = np.zeros((slots + 1, 1 << low_bits), np.int32)
+    for j in range(d):
+        u = np.int64(_order_key(bits[j])) + offset
+        low_counts[slot[u >> low_bits], u & low_mask] += 1
+    for r in range(m):
+        row = low_counts[slot[rank_bin[r]]]
+        rest = ranks[r] - below[r]
+        low = 0
+        while rest >= row[low]:
+            rest -= row[low]
+            low += 1
+        out[r] = _order_key(np.int32(((rank_bin[r] << low_bits) | low) - offset))
