@@ -70,6 +70,7 @@ def test_examples_document_every_parameter_and_default():
         assert words in text
     assert sorted(p.name for p in EXAMPLES.glob("*.yml")) == [
         "evolve.yml",  # a search config, not a merge config: tests/test_evolve_config.py
+        "inspect.yml",  # the demo models' config for mergekit-pcb inspect: tests/test_inspect.py
         "pcb-gradient.yml",
         "pcb-slices.yml",
         "pcb.yml",

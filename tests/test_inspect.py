@@ -51,11 +51,13 @@ def parts(tau: torch.Tensor, pcb_ratio: float, clamp_ratio: float):
     return clipped, score
 
 
-def weights_at(score: torch.Tensor, pcb_ratio: float) -> torch.Tensor:
+def weights_at(score: torch.Tensor, pcb_ratio: float, ordered=None) -> torch.Tensor:
+    """Step 9: W from the cut at sorted(B)[int(d (1 - r))] (``ordered``: B sorted by row)."""
     d = score.shape[1]
     cut = int(d * (1 - pcb_ratio))
-    threshold = score.sort(dim=1).values[:, cut : cut + 1]
-    top = score.max(dim=1, keepdim=True).values
+    ordered = score.sort(dim=1).values if ordered is None else ordered
+    threshold = ordered[:, cut : cut + 1]
+    top = ordered[:, -1:]
     return minmax_rows(torch.clamp(score, threshold, top))
 
 
@@ -82,8 +84,9 @@ def counts(tau, clipped, weights, coefficients) -> dict:
 
 def sweep_counts(tau, clipped, score) -> tuple[list, list]:
     kept, conflict = [], []
+    ordered = score.sort(dim=1).values
     for ratio in SWEEP:
-        keep = weights_at(score, ratio) > 0
+        keep = weights_at(score, ratio, ordered) > 0
         kept.append(keep.sum(1).tolist())
         signs = clipped.sign()
         conflict.append(int(((keep & (signs > 0)).any(0) & (keep & (signs < 0)).any(0)).sum()))
@@ -124,7 +127,9 @@ def inspect(tmp_path: Path, name: str, text: str, *extra) -> tuple[dict, Path]:
 @pytest.fixture(scope="module")
 def union(tmp_path_factory, family, big_vocab):
     """Tensor scope with a tokenizer union (two vocabulary sizes in), filtered ratios, a
-    weight gradient and a bfloat16 output; inspected, and merged by mergekit-yaml."""
+    weight gradient and a bfloat16 output; inspected, and merged by mergekit-yaml. The
+    filtered clamp_ratio sends attention tensors through the merge's stored path and the
+    rest through its streamed path."""
     tmp = tmp_path_factory.mktemp("inspect_union")
     e0, e1 = family.experts[:2]
     text = f"""merge_method: pcb
@@ -138,7 +143,7 @@ models:
     parameters: {{weight: 1.3}}
 parameters:
   pcb_ratio: [{{filter: mlp, value: 0.2}}, {{value: 0.35}}]
-  clamp_ratio: 0.01
+  clamp_ratio: [{{filter: self_attn, value: 0.01}}, {{value: 1e-4}}]
   lambda: 1.2
 tokenizer_source: union
 dtype: float32
@@ -263,12 +268,26 @@ def test_page_says_what_the_json_holds(union):
     assert where in named[0] or component in named[0]
 
 
+@pytest.mark.gpu
+def test_cuda_gives_the_cpu_counts(union, tmp_path):
+    """--device cuda runs the kernel's torch ops on the GPU: the same counts, except where
+    float rounding on the GPU flips an entry that sits exactly on a tie."""
+    report, _ = inspect(
+        tmp_path, "cuda", (union["folder"].parent / "report.yml").read_text(), "--device", "cuda"
+    )
+    for cpu, gpu in zip(union["report"]["tensors"], report["tensors"], strict=True):
+        assert gpu["name"] == cpu["name"]
+        for key in ("kept", "none_kept", "conflict", "kept_conflict", "sweep_kept"):
+            assert gpu[key] == cpu[key], f"{cpu['name']}: {key}"
+        assert abs(gpu["changed"] - cpu["changed"]) <= max(2, cpu["elements"] // 1000)
+
+
 # ------------------------------------------------------------------ model scope
 
 
 def test_model_scope_numbers_equal_the_whole_model_reference(tmp_path, family):
     """Statistics over every tensor of each model, even when --tensors shows only some."""
-    ratio, clamp = 0.3, 0.01
+    ratio, clamp = 0.1, 0.01  # a cut above the zeros: the scopes keep different entries
     lines = "".join(f"  - model: {e}\n" for e in family.experts)
     text = (
         f"merge_method: pcb\nbase_model: {family.base}\nmodels:\n{lines}"
@@ -295,12 +314,17 @@ def test_model_scope_numbers_equal_the_whole_model_reference(tmp_path, family):
     selected = {n for n in names if re.search(r"layers\.1\.mlp", n)}
     assert {r["name"] for r in records} == selected and len(selected) == 3
     assert report["tensors_merged_by_pcb"] == len(names) and report["scope"] == "model"
+    differs = False
     for record in records:
         cols = offsets[record["name"]]
         rows = [models.index(m) for m in expert_rows(report, record)]
         expected = counts(tau[rows, cols], clipped[rows, cols], weights[rows, cols], [1.0] * 3)
         for key in ("kept", "none_kept", "conflict", "kept_conflict"):
             assert record[key] == expected[key], f"{record['name']}: {key}"
+        own_clipped, own_score = parts(tau[rows, cols], ratio, clamp)  # tensor scope
+        own = (weights_at(own_score, ratio) > 0).sum(1).tolist()
+        differs |= own != record["kept"]
+    assert differs  # this test can tell the scopes apart
     assert not report["sweep"]["exact"] and report["sampled"]["sweep"]
 
 

@@ -1,8 +1,9 @@
 """``mergekit-pcb inspect CONFIG REPORT_DIR``: PCB's parameter competition, seen before a merge.
 
-The config is checked as strictly as by ``mergekit-pcb merge`` and planned by
-mergekit as the merge plans it; PCB's scores are computed with the merge's kernel,
-and no model is written. Every failure prints as one line.
+The config and the models it names are checked as by ``mergekit-pcb merge`` (the
+same functions), then planned by mergekit as the merge plans it; PCB's scores are
+computed with the merge's kernel, and no model is written. Every failure prints as
+one line.
 """
 
 from __future__ import annotations
@@ -98,12 +99,16 @@ def inspect(
     except (ImportError, click.BadParameter) as error:
         raise click.ClickException(str(error).replace("\n", " ")) from None
 
+    from mergekit_pcb.cli.merge import _folders
     from mergekit_pcb.config_check import ConfigError, validate_config
+    from mergekit_pcb.config_errors import one_line
+    from mergekit_pcb.model_paths import check_models, merge_config_references
 
     with open(config_file, encoding="utf-8") as file:
         text = file.read()
-    try:
+    try:  # exactly the checks of mergekit-pcb merge, before any model is opened
         config = validate_config(text, source=config_file)
+        check_models(merge_config_references(config), _folders(config_file))
     except ConfigError as error:
         raise click.ClickException(str(error)) from None
     if config.merge_method != "pcb":
@@ -112,7 +117,7 @@ def inspect(
             "(inspect shows what PCB does to the experts)"
         )
 
-    from mergekit_pcb.inspect import run
+    from mergekit_pcb.inspect import InspectError, run
 
     try:
         report = run(
@@ -125,11 +130,11 @@ def inspect(
             trust_remote_code=trust_remote_code,
             progress=None if no_progress else _progress,
         )
+    except InspectError as error:
+        raise click.ClickException(str(error)) from None
     except Exception as error:  # every failure becomes one clear line
-        LOG.debug("inspect failed", exc_info=True)
-        text = " ".join(str(error).split()) or repr(error)
-        prefix = "" if isinstance(error, ValueError) else f"{type(error).__name__}: "
-        raise click.ClickException(prefix + text) from None
+        LOG.debug("inspect failed", exc_info=True)  # the traceback, with -vv
+        raise click.ClickException(one_line(error)) from None
     for sentence in report["summary"]:
         click.echo(f"- {sentence['text']}")
     click.echo(f"report written to {report_dir / 'report.html'}")

@@ -22,7 +22,6 @@ from typing import Any
 import torch
 
 from mergekit_pcb import groups, kernel
-from mergekit_pcb.kernel.torch_ops import order_statistics
 from mergekit_pcb.kernel.whole_model import row_statistics
 
 # The pcb_ratio values of the sweep (the configured ratio is marked on the plot).
@@ -125,6 +124,26 @@ def _before(tau: torch.Tensor) -> dict[str, Any]:
     }
 
 
+def _cuts(score: torch.Tensor, ratios: tuple[float, ...]) -> torch.Tensor:
+    """Each row's cut t = sorted(B)[int(d (1 - r))] at every ratio (rows x ratios).
+
+    The same elements the merge's selection finds: an order statistic is one value of
+    the data, whatever finds it. One multi-rank partition per row (numpy's introselect;
+    ``kthvalue`` per rank on a GPU) costs far less than a selection per rank, and its
+    copy is one row, not the matrix.
+    """
+    ranks = [kernel.cut_index(score.shape[1], r) for r in ratios]
+    if score.device.type != "cpu":
+        return torch.stack(
+            [torch.stack([row.kthvalue(k + 1).values for k in ranks]) for row in score]
+        )
+    import numpy as np
+
+    distinct = sorted(set(ranks))
+    rows = [np.partition(row.numpy(), distinct)[ranks] for row in score]
+    return torch.from_numpy(np.stack(rows)).to(score.dtype)
+
+
 def _sweep(score: torch.Tensor, clipped: torch.Tensor, thresholds: torch.Tensor):
     """Exact kept counts (rows x ratios) and kept-conflict counts (ratios) at every cut.
 
@@ -158,9 +177,10 @@ def _after(weights: torch.Tensor, clipped: torch.Tensor) -> dict[str, Any]:
         w = weights[:, cols]
         keep = w > 0
         kept += keep.sum(dim=1)
-        won = w.amax(dim=0) > 0
-        wins += torch.bincount(w.argmax(dim=0)[won], minlength=n)
-        none_kept += int((~keep.any(dim=0)).sum())
+        largest, winner = w.max(dim=0)  # the first row among equal maxima
+        won = largest > 0  # W >= 0: no row keeps the entry where the largest W is 0
+        wins += torch.bincount(winner[won], minlength=n)
+        none_kept += int(won.numel() - won.sum())
         signs = clipped[:, cols]
         positive = (keep & (signs > 0)).any(dim=0)
         negative = (keep & (signs < 0)).any(dim=0)
@@ -238,13 +258,9 @@ def measure(
         threshold, top = whole.threshold, whole.top
     else:
         clipped, score = kernel.scores(tau, clamp_ratio=params["clamp_ratio"])
-        ranks = [kernel.cut_index(d, r) for r in (*SWEEP, ratio)]
-        cuts = order_statistics(score, sorted(set(ranks)))
-        column = {rank: i for i, rank in enumerate(sorted(set(ranks)))}
-        threshold = cuts[:, column[ranks[-1]]]
-        top = score.amax(dim=1)
-        sweep = cuts[:, [column[r] for r in ranks[:-1]]]
-        record.sweep_kept, record.sweep_conflict = _sweep(score, clipped, sweep)
+        cuts = _cuts(score, (*SWEEP, ratio))
+        threshold, top = cuts[:, -1].contiguous(), score.amax(dim=1)
+        record.sweep_kept, record.sweep_conflict = _sweep(score, clipped, cuts[:, :-1])
     scale = _scale(top, score)
     record.cut = (threshold / scale).cpu().tolist()
     sample.add(planned.name, rows, score, clipped, scale)

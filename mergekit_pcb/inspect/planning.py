@@ -18,8 +18,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 from mergekit_pcb import mergekit_internals, model_scope
 from mergekit_pcb.parameters import PCB_SCOPE
 
@@ -157,7 +155,3 @@ def groups(
         group = model_scope.group_of(task, values, plan.executor.math_device)
         if group is not None:
             yield by_task[task], group
-
-
-def device_of(name: str | None) -> torch.device:
-    return torch.device(name or "cpu")

@@ -66,10 +66,11 @@ def experts(report: dict, path: Path) -> None:
             ax.set_yscale("log")
         else:
             _percent_axis(ax)
-            ax.set_ylim(bottom=0)
     ratio = report["parameters"]["pcb_ratio"]
     if not isinstance(ratio, dict):
         axes[0].axhline(ratio, color="gray", linestyle="--", linewidth=1, label="pcb_ratio")
+    for ax in axes[:2]:  # from 0, with room above the highest line
+        ax.set_ylim(0, ax.get_ylim()[1] * 1.15)
     axes[0].legend(fontsize=8)
     figure.savefig(path)
 
