@@ -202,12 +202,12 @@ class DeviceInputs:
             self._staging = torch.empty(total, dtype=torch.uint8, pin_memory=self.pin)
         if self._copied is not None:
             self._copied.synchronize()  # the previous tensor has left the buffer
-        out = []
+        views = []
         for t, offset in zip(host, offsets, strict=True):
             nbytes = t.numel() * t.element_size()
-            view = self._staging[offset : offset + nbytes].view(t.dtype)
-            view.copy_(t.reshape(-1))
-            out.append(view.to(self.device, non_blocking=True, copy=True))
+            views.append(self._staging[offset : offset + nbytes].view(t.dtype))
+            views[-1].copy_(t.reshape(-1))
+        out = [view.to(self.device, non_blocking=True, copy=True) for view in views]
         if self.device.type == "cuda":
             self._copied = torch.cuda.Event()
             self._copied.record()
