@@ -23,13 +23,13 @@ import click
     "--cache-dir",
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
-    help="Where T~/B spill to disk (default: cache.dir, else OUT_DIR/cache).",
+    help="Where the search's statistics go (default: cache.dir, else OUT_DIR/cache).",
 )
 @click.option(
     "--cache-memory-gb",
     type=float,
     default=None,
-    help="Override cache.memory_gb, the in-memory budget for T~/B.",
+    help="Override cache.memory_gb, the in-memory budget for inputs that cannot be mapped.",
 )
 @click.option("--device", default=None, help="Override device (cpu, cuda, cuda:1, ...).")
 @click.option(

@@ -1,8 +1,8 @@
 """Scoring a generation's candidates in parallel on Ray actors.
 
-Each actor loads the model once and opens the on-disk T~/B cache (memory-mapped,
-so actors on one machine share the page cache); per candidate only the values
-travel. With ``--ray-address`` the cache directory must be visible to every node
+Each actor loads the model once and opens the on-disk statistics cache; the inputs
+are memory-mapped, so actors on one machine share the page cache. Per candidate only
+the values travel. With ``--ray-address`` the cache directory must be visible to every node
 (a shared filesystem).
 """
 
@@ -35,7 +35,7 @@ class _Actor:
         cfg = EvolveConfig.model_validate(cfg_json)
         cache = TensorCache.open(cache_root, key)
         if cache is None:
-            raise RuntimeError(f"Ray actor: no complete T~/B cache at {cache_root}")
+            raise RuntimeError(f"Ray actor: no complete statistics cache at {cache_root}")
         self.evaluator = Evaluator(cfg, cache, Path(root) if root else None)
 
     def evaluate(self, values: dict, split: str):

@@ -117,7 +117,7 @@ def run_search(cfg: EvolveConfig, out: Path, opts: RunOptions) -> dict:
 
     cache_dir = Path(cfg.cache.dir) if cfg.cache.dir else out / "cache"
     t0 = time.perf_counter()
-    with _bar(len(planned), 0, "cache T~/B", opts.progress) as bar:
+    with _bar(len(planned), 0, "statistics", opts.progress) as bar:
         cache = build_cache(
             planned,
             groups,
@@ -127,7 +127,7 @@ def run_search(cfg: EvolveConfig, out: Path, opts: RunOptions) -> dict:
             force_disk=opts.ray,
             progress=bar.update,
         )
-    LOG.info("cached T~ and B of %d tensors in %.1f s", len(planned), time.perf_counter() - t0)
+    LOG.info("took the statistics of %d tensors in %.1f s", len(planned), time.perf_counter() - t0)
     del planned
 
     if opts.ray:
