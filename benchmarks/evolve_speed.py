@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import resource
 import statistics
 import subprocess
 import sys
@@ -62,13 +63,18 @@ def search_side(raw: dict, candidates: int, threads: int | None) -> dict:
     from mergekit_pcb.evolve.candidate import Genome, ModelWriter
     from mergekit_pcb.evolve.config import EvolveConfig
 
+    def peak() -> int:  # this process's peak RSS so far, in bytes (Linux: KiB)
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
     cfg = EvolveConfig.model_validate(raw)
+    imported = peak()
     start = time.perf_counter()
     layout = layout_mod.build_layout(cfg)
     planned, groups = layout_mod.tensor_groups(cfg, layout)
     cache = cache_mod.build(planned, groups, cfg, cache_dir=None, memory_bytes=0)
     del planned
     startup = time.perf_counter() - start
+    after_startup = peak()
     start = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(cfg.base_model, dtype=torch.bfloat16)
     model.to(cfg.device)
@@ -101,6 +107,7 @@ def search_side(raw: dict, candidates: int, threads: int | None) -> dict:
         "load_s": load,
         "candidates": times,
         "levels": len(cache.levels),
+        "rss": {"imports": imported, "startup": after_startup, "end": peak()},
         "params": sum(p.numel() for p in model.parameters()),
     }
 
@@ -211,6 +218,11 @@ def main(
     )
     for label, value, note in rows:
         click.echo(f"{label + ':':40s} {value:>12s}   {note}")
+    rss = result["rss"]
+    click.echo(
+        f"search peak RSS, running: {rss['imports'] / gib:.2f} GiB after imports, "
+        f"{rss['startup'] / gib:.2f} GiB after the start-up, {rss['end'] / gib:.2f} GiB at the end"
+    )
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """The search scores exactly the model that ``mergekit-yaml best.yml`` writes.
 
-The cached T~/B plus the per-candidate steps 9-11 must give, tensor by tensor,
-the floats of a real ``mergekit-yaml`` run (in a subprocess) on the config the
-search writes, including per-layer-group ratios expressed as mergekit filters.
+The cached statistics plus each candidate's one pass over its inputs must give,
+tensor by tensor, the floats of a real ``mergekit-yaml`` run (in a subprocess) on
+the config the search writes, including per-layer-group ratios expressed as
+mergekit filters, on the streamed path and the stored one.
 """
 
 from __future__ import annotations
