@@ -37,6 +37,8 @@ Modules, from the entry points down:
 - :mod:`.streamed`: steps 1-11 read from the inputs in three passes.
 - :mod:`.selection` and :mod:`.radix`: exact order statistics from chunks.
 - :mod:`.whole_model`: the statistics over all tensors of each model.
+- :mod:`.known_cuts`: one tensor's statistics at many ``pcb_ratio`` levels, then
+  merges with a known cut in one pass (the search's candidates).
 - :mod:`.runtime`: column chunks, the thread pool and per-thread buffers.
 """
 
