@@ -28,7 +28,7 @@ def test_merge_accepts_every_mergekit_yaml_option():
 def test_group_lists_its_commands():
     result = CliRunner().invoke(cli, ["--help"])
     assert result.exit_code == 0
-    for name in ("merge", "demo", "evolve"):
+    for name in ("merge", "demo", "evolve", "inspect"):
         assert re.search(rf"^\s+{name}\s", result.output, re.MULTILINE), result.output
 
 

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from mergekit_pcb import groups, kernel
+from mergekit_pcb.kernel.known_cuts import cut_values
 from mergekit_pcb.kernel.whole_model import row_statistics
 
 # The pcb_ratio values of the sweep (the configured ratio is marked on the plot).
@@ -125,23 +126,10 @@ def _before(tau: torch.Tensor) -> dict[str, Any]:
 
 
 def _cuts(score: torch.Tensor, ratios: tuple[float, ...]) -> torch.Tensor:
-    """Each row's cut t = sorted(B)[int(d (1 - r))] at every ratio (rows x ratios).
-
-    The same elements the merge's selection finds: an order statistic is one value of
-    the data, whatever finds it. One multi-rank partition per row (numpy's introselect;
-    ``kthvalue`` per rank on a GPU) costs far less than a selection per rank, and its
-    copy is one row, not the matrix.
-    """
+    """Each row's cut t = sorted(B)[int(d (1 - r))] at every ratio (rows x ratios), as the
+    merge's selection picks it (:func:`kernel.known_cuts.cut_values`: many ranks at once)."""
     ranks = [kernel.cut_index(score.shape[1], r) for r in ratios]
-    if score.device.type != "cpu":
-        return torch.stack(
-            [torch.stack([row.kthvalue(k + 1).values for k in ranks]) for row in score]
-        )
-    import numpy as np
-
-    distinct = sorted(set(ranks))
-    rows = [np.partition(row.numpy(), distinct)[ranks] for row in score]
-    return torch.from_numpy(np.stack(rows)).to(score.dtype)
+    return cut_values(score, ranks).to(score.device)
 
 
 def _sweep(score: torch.Tensor, clipped: torch.Tensor, thresholds: torch.Tensor):
@@ -271,6 +259,10 @@ def measure(
     merged = kernel.combine(clipped, weights, torch.tensor(coefficients, dtype=clipped.dtype))
     record.merged_sq = float(torch.linalg.vector_norm(merged, dtype=torch.float64) ** 2)
     written = kernel.add_scaled(vectors.base, merged, params["lambda"], base.dtype)
+    # Where the merge stops (a float16 overflow), inspect stops with the same message.
+    error = groups.non_finite_output(group, written, planned.out_dtype)
+    if error is not None:
+        raise error
     base_written = vectors.base
     if planned.out_dtype:
         out_dtype = dtype_from_name(planned.out_dtype)
