@@ -25,7 +25,10 @@ def percent(value: float | None) -> str:
 
 
 def number(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.2f}"
+    if value is None:
+        return "n/a"
+    text = f"{value:.2f}"
+    return "0.00" if text == "-0.00" else text
 
 
 def ratio_text(value: Any) -> str:
