@@ -270,3 +270,15 @@ def test_device_that_is_not_a_torch_device(tmp_path, good):
     assert "device: 'gpu' is not a torch device; allowed: cpu, cuda, cuda:N, mps" in _error(
         tmp_path, good
     )
+
+
+def test_command_line_overrides_are_validated(tmp_path, good):
+    """--budget is checked like optimizer.budget in the YAML: it must fit the warm-up."""
+    good["optimizer"] = {"budget": 10, "sweep": [2, 2]}
+    result = run_tool(
+        "mergekit-pcb", "evolve", _write(tmp_path, good), tmp_path / "out", "--budget", "3"
+    )
+    assert result.returncode != 0
+    assert "command-line options: config: optimizer.budget: 3 is less than" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()

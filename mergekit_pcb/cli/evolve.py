@@ -98,7 +98,7 @@ def evolve(
             )
         if device is not None:
             overrides["device"] = device
-        cfg = cfg.model_copy(update=overrides)
+        cfg = _with_overrides(cfg, overrides)
         options = RunOptions(
             resume=resume,
             write_model=write_model,
@@ -116,3 +116,22 @@ def evolve(
         logging.getLogger("mergekit_pcb.evolve").info("the search failed", exc_info=True)
         raise click.ClickException(one_line(exc)) from None
     click.echo(format_summary(report, cfg.evaluation.tasks, out_dir))
+
+
+def _with_overrides(cfg, overrides: dict):
+    """The config with the command line's values, validated as if the YAML held them
+    (``model_copy`` alone would skip every check, e.g. that --budget fits the warm-up)."""
+    from pydantic import ValidationError
+
+    from mergekit_pcb.config_errors import format_validation_error
+    from mergekit_pcb.evolve.config import EvolveConfigError
+
+    if not overrides:
+        return cfg
+    updated = cfg.model_copy(update=overrides)
+    try:
+        return type(cfg).model_validate(updated.model_dump(by_alias=True))
+    except ValidationError as error:
+        raise EvolveConfigError(
+            f"with the command-line options: {format_validation_error(error)}"
+        ) from None
