@@ -167,3 +167,26 @@ def test_device_inputs_resident_and_staged_give_the_same_model(built):
         parameter.data.zero_()
     writer.write(values)
     assert all(torch.equal(host[n], t) for n, t in writer.state().items())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("gpu_memory_gb", [0.0, None])  # every tensor staged; all resident
+def test_cuda_search_equals_mergekit_yaml_cuda(family, tmp_path, gpu_memory_gb):
+    """device: cuda: statistics and candidates on the GPU give what ``mergekit-yaml --cuda
+    best.yml`` writes (values; see kernel.known_cuts on the sign of a zero)."""
+    from conftest import check, load_tensors, run_tool
+
+    cfg = _cfg(family, tmp_path, device="cuda")
+    layout, planned, groups = _planned(cfg)
+    cache = cache_mod.build(planned, groups, cfg, cache_dir=None, memory_bytes=0)
+    assert cache.device == "cuda"
+    model, _ = load_model(cfg)
+    writer = ModelWriter(model, cache, gpu_memory_gb)
+    values = layout_mod.Values((0.137,), 1.2, (1.1, 0.7, 1.3))
+    writer.write(values)
+    best = tmp_path / "best.yml"
+    best.write_text(yaml.safe_dump(layout_mod.merge_config(cfg, values, layout)))
+    check(run_tool("mergekit-yaml", best, tmp_path / "merged", "--no-copy-tokenizer", "--cuda"))
+    merged = load_tensors(tmp_path / "merged")
+    for name, tensor in writer.state().items():
+        assert torch.equal(tensor.cpu(), merged[name]), name

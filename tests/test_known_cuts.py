@@ -164,3 +164,11 @@ def test_rows_follow_a_permutation():
         assert torch.equal(getattr(moved, key), getattr(again, key))
     # B's column total adds rows in order: the cuts may move by an ulp, not more.
     torch.testing.assert_close(moved.cuts, again.cuts, rtol=1e-6, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_known_cut_merge_on_cuda_is_the_cuda_merge(dtype):
+    """What a search with ``device: cuda`` runs, against ``mergekit-yaml --cuda``'s path."""
+    base, experts = _family(300_000, 3, dtype, seed=4)
+    _check(base.cuda(), [e.cuda() for e in experts], 1e-4, "stored", same=torch.equal)

@@ -304,6 +304,8 @@ def build(
         return reuse
     levels = ratio_levels(cfg)
     device = _device(cfg)
+    # On the very GPU the candidates will use (cuda:1 ...): the merge's floats are that device's.
+    compute_on = torch.device(cfg.device) if device == "cuda" else torch.device("cpu")
     used = 0.0
     tensors = []
     for i, (p, g) in enumerate(zip(planned, groups, strict=True)):
@@ -323,7 +325,7 @@ def build(
         order = kernel.order_by(keys)
         ordered = [experts[j] for j in order]
         d = base.numel()
-        on_device = [t.to(device) for t in (base, *ordered)]
+        on_device = [t.to(compute_on) for t in (base, *ordered)]
         try:
             stats = known_cuts.statistics(
                 on_device[0],
