@@ -166,7 +166,12 @@ def main(
         return
     spec = FAMILIES["quick" if quick else family]
     name = "quick" if quick else family
-    base, experts = build_family(spec, cache_dir)
+    import torch
+
+    # Drawn on a GPU where one exists, as benchmarks/speed.py draws them: the same models.
+    base, experts = build_family(
+        spec, cache_dir, device="cuda" if torch.cuda.is_available() else "cpu"
+    )
     with tempfile.TemporaryDirectory(prefix="evolve-speed-") as tmp:
         work = Path(tmp)
         data = work / "d.jsonl"
