@@ -190,3 +190,26 @@ def test_cuda_search_equals_mergekit_yaml_cuda(family, tmp_path, gpu_memory_gb):
     merged = load_tensors(tmp_path / "merged")
     for name, tensor in writer.state().items():
         assert torch.equal(tensor.cpu(), merged[name]), name
+
+
+def test_a_stale_cache_is_removed_and_replaced(family, tmp_path):
+    """An older search's cache in the same directory (format 3: T~ and B per tensor) is
+    deleted, not left to fill the disk; files it did not list stay."""
+    cfg = _cfg(family, tmp_path)
+    _, planned, groups = _planned(cfg)
+    root = tmp_path / "cache"
+    root.mkdir()
+    (root / "t00000.safetensors").write_bytes(b"old T~/B")
+    (root / "notes.txt").write_text("mine")
+    (root / "cache.json").write_text(
+        json.dumps({"format": 3, "fingerprint": "x", "tensors": [{"file": "t00000.safetensors"}]})
+    )
+    cache = cache_mod.build(planned, groups, cfg, cache_dir=root, memory_bytes=0)
+    assert not (root / "t00000.safetensors").exists() and (root / "notes.txt").exists()
+    assert (root / "statistics.safetensors").exists()
+    reopened = cache_mod.TensorCache.open(root, cache_mod.fingerprint(cfg, groups))
+    assert reopened is not None and reopened.names == cache.names
+    for a, b in zip(cache.tensors, reopened.tensors, strict=True):
+        assert a.sources == b.sources and a.rows == b.rows
+        if not a.unchanged:
+            assert torch.equal(a.statistics.cuts, b.statistics.cuts)

@@ -279,6 +279,22 @@ def _distinct_ties(keys: list, experts: list[torch.Tensor]) -> bool:
     return False
 
 
+def _remove_stale(root: Path) -> None:
+    """Deletes the files of a cache in ``root`` that does not serve this search (other
+    inputs or settings, or an older format: one of T~ and B per tensor, n x d floats each)."""
+    try:
+        data = json.loads((root / META).read_text())
+    except (OSError, ValueError):
+        return
+    for t in data.get("tensors", []):
+        name = t.get("file")
+        if isinstance(name, str) and Path(name).name == name:
+            (root / name).unlink(missing_ok=True)
+            (root / KEPT_INPUTS / name).unlink(missing_ok=True)
+    (root / META).unlink(missing_ok=True)
+    (root / STATISTICS).unlink(missing_ok=True)
+
+
 def build(
     planned: list[PlannedTensor],
     groups: list[int],
@@ -302,6 +318,8 @@ def build(
         if progress:  # a complete cache of the same inputs (e.g. on --resume): no re-read
             progress(len(planned))
         return reuse
+    if cache_dir is not None:
+        _remove_stale(cache_dir)
     levels = ratio_levels(cfg)
     device = _device(cfg)
     # On the very GPU the candidates will use (cuda:1 ...): the merge's floats are that device's.
