@@ -93,8 +93,9 @@ class SafetensorsFile:
         begin, end = self.entries[key]["data_offsets"]
         first = (self._start + begin) // mmap.PAGESIZE * mmap.PAGESIZE
         last = self._start + end
-        if last > first and hasattr(self._map, "madvise"):
-            self._map.madvise(mmap.MADV_DONTNEED, first, last - first)
+        advice = getattr(mmap, "MADV_DONTNEED", None)  # not on every platform
+        if last > first and advice is not None:
+            self._map.madvise(advice, first, last - first)
 
 
 _files: dict[str, SafetensorsFile] = {}
