@@ -77,7 +77,7 @@ def _run(toy, out, *, budget, resume=False, seed=3):
     cfg = search_config(
         toy,
         optimizer={"budget": budget, "popsize": 3, "sigma": 0.3, "seed": seed},
-        # One on-disk T~/B cache for every run: built once, then reused.
+        # One on-disk statistics cache for every run: built once, then reused.
         cache={"memory_gb": 0, "dir": str(out.parent / "shared-cache")},
     )
     yml = write_config(out.parent / f"{out.name}.yml", cfg)
