@@ -50,9 +50,10 @@ class Method:
     # "api": mergekit.merge_methods.merge_state_dicts in memory; "run_merge": mergekit's
     # full pipeline on checkpoints on disk (what mergekit-yaml runs), needed where the
     # method looks beyond one tensor group, as pcb_scope: model does; "evolve": tuned
-    # by ``mergekit-pcb evolve`` instead of the grid (see _quality_evolve.py).
+    # by ``mergekit-pcb evolve`` instead of the grid; "random": tuned by a random search
+    # of the same space (both in _quality_evolve.py).
     via: str = "api"
-    # For via="evolve": the search's budget in units of PCB's grid size.
+    # For via="evolve"/"random": the search's budget in units of PCB's grid size.
     budget_factor: int = 1
 
 
@@ -78,6 +79,8 @@ METHODS: tuple[Method, ...] = (
         available=_quality_evolve.available,
         budget_factor=4,
     ),
+    Method("pcb + random search", "pcb", via="random"),
+    Method("pcb + random search (4x)", "pcb", via="random", budget_factor=4),
 )
 
 
@@ -119,12 +122,15 @@ def merge(
 
 def _run_merge(method: Method, on_disk: dict[str, Path], tasks: list[str], parameters) -> dict:
     shared = {k: v for k, v in parameters.items() if k != "weight"}
-    weight = parameters.get("weight", 1.0)
+    weight = parameters.get("weight", 1.0)  # one for all, or {task: weight}
+    weights = weight if isinstance(weight, dict) else dict.fromkeys(tasks, weight)
     return run_merge_config(
         {
             "merge_method": method.merge_method,
             "base_model": str(on_disk["__base__"]),
-            "models": [{"model": str(on_disk[t]), "parameters": {"weight": weight}} for t in tasks],
+            "models": [
+                {"model": str(on_disk[t]), "parameters": {"weight": weights[t]}} for t in tasks
+            ],
             "parameters": shared,
             "dtype": "float32",
         }

@@ -60,6 +60,8 @@ def summarize(result: dict) -> dict:
         "cache_dir": result["cache_dir"],
         "tasks": tasks,
         "skipped_methods": result["skipped_methods"],
+        "reused_seeds": result.get("reused_seeds", []),
+        "seed_seconds": {s["seed"]: round(s["seconds"], 1) for s in seeds if "seconds" in s},
         "base": {
             "normalized_mean": _mean_std(base_norm)[0],
             "normalized_std": _mean_std(base_norm)[1],
@@ -94,12 +96,79 @@ def summarize(result: dict) -> dict:
                 for row in rows[0]["sweep"]
             ],
         }
+    summary["curves"] = _curves(seeds)
+    summary["search_vs_grid"] = _search_vs_grid(seeds)
     summary["verdicts"] = verdicts(summary)
     return summary
 
 
+def _curves(seeds: list[dict]) -> dict:
+    """Per search (and the grid): test score of the best-on-validation after n candidates."""
+    out = {}
+    for label in seeds[0].get("curves", {}):
+        points = []
+        for i, point in enumerate(seeds[0]["curves"][label]):
+            tests = [100 * s["curves"][label][i]["test_normalized"] for s in seeds]
+            vals = [100 * s["curves"][label][i]["val_normalized"] for s in seeds]
+            mean, std = _mean_std(tests)
+            points.append(
+                {
+                    "candidates": point["candidates"],
+                    "test_mean": mean,
+                    "test_std": std,
+                    "val_mean": statistics.fmean(vals),
+                    "test_per_seed": tests,
+                }
+            )
+        out[label] = points
+    return out
+
+
+def _search_vs_grid(seeds: list[dict]) -> dict:
+    """Each search row minus grid-tuned PCB, per seed (points of normalised test accuracy).
+
+    "Seed noise" is the standard error of the mean per-seed difference; a search is worse
+    than the grid beyond it when the mean difference is below minus twice that.
+    """
+    out = {}
+    for label in seeds[0]["methods"]:
+        if not label.startswith(("pcb + evolve", "pcb + random search")):
+            continue
+        if "pcb" not in seeds[0]["methods"]:
+            continue
+        diffs = [
+            100 * (s["methods"][label]["test_normalized"] - s["methods"]["pcb"]["test_normalized"])
+            for s in seeds
+        ]
+        mean, std = _mean_std(diffs)
+        se = std / len(diffs) ** 0.5
+        out[label] = {
+            "per_seed_points": diffs,
+            "mean_points": mean,
+            "std_points": std,
+            "seed_noise_points": se,
+            "seeds_won": sum(d > 0 for d in diffs),
+            "seeds_lost": sum(d < 0 for d in diffs),
+            "worse_beyond_seed_noise": len(diffs) > 1 and mean < -2 * se,
+        }
+    return out
+
+
 def _seconds(x: float | None) -> str:
     return "not recorded" if x is None else f"{x:.0f} s"
+
+
+def _reused(summary: dict) -> str:
+    """Seeds taken from an earlier invocation (--reuse-seeds) are not in the wall time."""
+    reused = summary.get("reused_seeds") or []
+    if not reused:
+        return ""
+    timed = summary.get("seed_seconds") or {}
+    known = ", ".join(f"seed {k}: {v:.0f} s" for k, v in timed.items())
+    return (
+        f"; seed(s) {', '.join(map(str, reused))} reused from an earlier invocation "
+        f"(--reuse-seeds), so not in this wall time" + (f" (recorded: {known})" if known else "")
+    )
 
 
 def _pct(x: float) -> str:
@@ -195,6 +264,13 @@ def verdicts(summary: dict) -> dict:
     if "pcb - ties" in comps:
         out["pcb_minus_ties_points"] = comps["pcb - ties"]["points"]
         out["pcb_ge_ties_plus_2"] = comps["pcb - ties"]["points"] >= 2.0
+    versus = summary.get("search_vs_grid", {})
+    if "pcb + evolve (4x)" in versus:
+        out["search_4x_minus_grid_points"] = versus["pcb + evolve (4x)"]["mean_points"]
+        out["search_4x_ge_grid_plus_0_5"] = versus["pcb + evolve (4x)"]["mean_points"] >= 0.5
+    if "pcb + evolve" in versus:
+        out["search_1x_minus_grid_points"] = versus["pcb + evolve"]["mean_points"]
+        out["search_1x_worse_beyond_seed_noise"] = versus["pcb + evolve"]["worse_beyond_seed_noise"]
     return out
 
 
@@ -212,7 +288,60 @@ def verdict_lines(summary: dict) -> str:
             f"- PCB >= TIES + 2 points (the paper's margin on ViT-B/32 was +3.9): "
             f"{'yes' if v['pcb_ge_ties_plus_2'] else 'no'} ({v['pcb_minus_ties_points']:+.2f})."
         )
+    if "search_4x_ge_grid_plus_0_5" in v:
+        out.append(
+            "- The search at 4x the grid's budget >= grid-tuned PCB + 0.5 points: "
+            f"{'yes' if v['search_4x_ge_grid_plus_0_5'] else 'no'} "
+            f"({v['search_4x_minus_grid_points']:+.2f})."
+        )
+    if "search_1x_worse_beyond_seed_noise" in v:
+        out.append(
+            "- The search at the grid's budget worse than the grid beyond seed noise (mean "
+            "per-seed difference below minus twice its standard error): "
+            f"{'yes' if v['search_1x_worse_beyond_seed_noise'] else 'no'} "
+            f"({v['search_1x_minus_grid_points']:+.2f})."
+        )
     return "\n".join(out)
+
+
+def search_lines(summary: dict) -> str:
+    """The budget curves and the per-seed search - grid differences, as markdown."""
+    curves, versus = summary.get("curves", {}), summary.get("search_vs_grid", {})
+    if not curves:
+        return ""
+    lines = [
+        "## The search against the grid",
+        "",
+        "Test normalised accuracy (%) of the best-on-validation candidate after n scored "
+        "candidates, mean ± std over seeds. `pcb + evolve` is `mergekit-pcb evolve` (default, "
+        "3 x 3 lambda x pcb_ratio sweep, then CMA-ES, popsize 6); the random search draws "
+        "uniformly from the same box (pcb_ratio and lambda over the grid's ranges, one weight "
+        "per expert in [0.7, 1.3]); the grid is PCB's lambda x pcb_ratio grid (weights 1). All "
+        "three rank candidates by the same validation criterion.",
+        "",
+    ]
+    marks = sorted({p["candidates"] for pts in curves.values() for p in pts})
+    lines += [
+        "| tuner | " + " | ".join(f"n = {n}" for n in marks) + " |",
+        "|---|" + "---|" * len(marks),
+    ]
+    for label, points in curves.items():
+        at = {p["candidates"]: p for p in points}
+        cells = [
+            f"{at[n]['test_mean']:.1f} ± {at[n]['test_std']:.1f}" if n in at else "" for n in marks
+        ]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    if versus:
+        lines += ["", "Each search row minus grid-tuned PCB, per seed (points):", ""]
+        for label, d in versus.items():
+            per = ", ".join(f"{x:+.2f}" for x in d["per_seed_points"])
+            lines.append(
+                f"- {label}: {d['mean_points']:+.2f} (std {d['std_points']:.2f}, standard error "
+                f"{d['seed_noise_points']:.2f}; won {d['seeds_won']}, lost {d['seeds_lost']} of "
+                f"{len(d['per_seed_points'])} seeds: {per})"
+            )
+    lines += ["", "![test score vs candidates](search.png)", ""]
+    return "\n".join(lines)
 
 
 def markdown(summary: dict) -> str:
@@ -240,7 +369,7 @@ def markdown(summary: dict) -> str:
         f"Wall time: {summary['wall_seconds']:.0f} s, of which training "
         f"{summary['train_seconds']:.0f} s (0 when the checkpoints came from the cache; "
         "recorded cost of the cached training: "
-        f"{_seconds(summary.get('recorded_train_seconds'))})  ",
+        f"{_seconds(summary.get('recorded_train_seconds'))})" + _reused(summary) + "  ",
         f"Machine: {m['platform']}, {m['cpu_count']} CPUs, torch {m['torch']} with "
         f"{m['torch_threads']} thread(s), Python {m['python']}",
         "",
@@ -262,6 +391,7 @@ def markdown(summary: dict) -> str:
         "",
         verdict_lines(summary),
         "",
+        search_lines(summary),
         "## Setup",
         "",
         f"- Tasks: {', '.join(tasks)} (see `mergekit_pcb/toy.py`); one format `T:DIGITS=ANSWER`.",
@@ -326,12 +456,49 @@ def plot(summary: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def plot_search(summary: dict, path: Path) -> None:
+    """Test score vs scored candidates: the search, the random search and the grid."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = summary.get("curves", {})
+    if not curves:
+        return
+    n_seeds = len(summary["regime"]["seeds"])
+    fig, ax = plt.subplots(figsize=(7, 4))
+    style = {
+        "pcb + evolve": ("tab:red", "o-"),
+        "pcb + random search": ("tab:blue", "s--"),
+        "pcb grid": ("black", "D"),
+    }
+    for label, points in curves.items():
+        color, marker = style.get(label, ("tab:gray", "^-"))
+        xs = [p["candidates"] for p in points]
+        ys = [p["test_mean"] for p in points]
+        errs = [p["test_std"] / n_seeds**0.5 for p in points]
+        ax.errorbar(xs, ys, yerr=errs, fmt=marker, color=color, capsize=3, label=label)
+    ax.set_xlabel("scored candidates (validation)")
+    ax.set_ylabel("test normalised exact match (%)")
+    ax.set_title(
+        f"{summary['regime']['name']}: best-on-validation vs budget "
+        f"(mean ± s.e. over {n_seeds} seed(s))"
+    )
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def write_outputs(result: dict, out_dir: Path, *, plot_png: bool = True) -> dict:
     summary = summarize(result)
     (out_dir / "results.json").write_text(json.dumps(summary, indent=1) + "\n")
     (out_dir / "RESULTS.md").write_text(markdown(summary))
     if plot_png:
         plot(summary, out_dir / "quality.png")
+        plot_search(summary, out_dir / "search.png")
     return summary
 
 
@@ -343,3 +510,4 @@ def rewrite_report(out_dir: Path, *, plot_png: bool = True) -> None:
     (out_dir / "RESULTS.md").write_text(markdown(summary))
     if plot_png:
         plot(summary, out_dir / "quality.png")
+        plot_search(summary, out_dir / "search.png")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
@@ -9,12 +10,13 @@ import platform
 import shlex
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import _quality_evolve
 import click
 import torch
-from _quality_methods import METHODS, Method, configurations, merge, run_merge_config, scored
+from _quality_methods import METHODS, Method, configurations, merge, scored
 from _quality_report import bootstrap_difference, rewrite_report, write_outputs
 from _quality_setup import (
     QUICK_REGIMES,
@@ -23,7 +25,6 @@ from _quality_setup import (
     Regime,
     bench,
     recorded_seconds,
-    splits,
 )
 
 from mergekit_pcb.tiny import save_model
@@ -32,6 +33,7 @@ HERE = Path(__file__).resolve().parent
 # The search's warm-up: a 3 x 3 lambda x pcb_ratio sweep (9 of the grid-size budget).
 SWEEP = (3, 3)
 METHODS_BY_LABEL = {m.label: m for m in METHODS}
+SEARCHES = {"evolve": "pcb + evolve", "random": "pcb + random search"}
 
 
 def _per_task(hits: torch.Tensor, regime: Regime, n: int) -> dict[str, torch.Tensor]:
@@ -71,33 +73,210 @@ def _sweep(budget: int) -> tuple[int, int]:
     return SWEEP if budget >= 2 * (1 + SWEEP[0] * SWEEP[1]) else (2, 2)
 
 
-def _evolve(method, regime, seed, on_disk, tasks, evaluate, own_val, cache_dir):
-    """Tune with the search (as many candidates as PCB's grid has points); merge its best."""
-    val, _ = splits(regime)
+def _checkpoints(grid: int, factor: int) -> list[int]:
+    """Budgets at which the search curves are scored on test: half the grid, then k x grid."""
+    return sorted({max(1, grid // 2), *(grid * k for k in range(1, factor + 1))})
+
+
+def _search_curves(regime, seed, active, on_disk, tasks, base_state, experts, val_score, cache_dir):
+    """Per search kind, its candidates (values + validation score) at the largest budget."""
     grid = len(configurations(METHODS_BY_LABEL["pcb"], regime.scales, regime.densities))
-    slug = "".join(c if c.isalnum() else "-" for c in method.label)
-    config = _quality_evolve.search(
-        cache_dir / f"{slug}-seed{seed}-{regime.name}",
-        on_disk,
-        tasks,
-        n_val=regime.n_val,
-        val_seed=VAL_SEED,
-        budget=grid * method.budget_factor,
-        scales=regime.scales,
-        densities=regime.densities,
-        seed=seed,
-        sweep=_sweep(grid * method.budget_factor),
+    out = {}
+    for kind in SEARCHES:
+        factors = [m.budget_factor for m in active if m.via == kind]
+        if not factors:
+            continue
+        budget = grid * max(factors)
+        if kind == "evolve":
+            slug = f"evolve-seed{seed}-{regime.name}"
+            candidates = _quality_evolve.evolve(
+                cache_dir / slug,
+                on_disk,
+                tasks,
+                val_score.own,
+                n_val=regime.n_val,
+                val_seed=VAL_SEED,
+                budget=budget,
+                scales=regime.scales,
+                densities=regime.densities,
+                seed=seed,
+                sweep=_sweep(grid),  # sized for 1x: the 4x run's first candidates are 1x's
+            )
+        else:
+            pcb = METHODS_BY_LABEL["pcb"]
+            points = _quality_evolve.random_points(
+                budget, tasks, regime.scales, regime.densities, seed
+            )
+            candidates = []
+            for values in points:
+                state = merge(pcb, base_state, experts, _quality_evolve.params_of(values, tasks))
+                candidates.append({"values": values, "val_normalized": val_score(state)[0]})
+        out[kind] = {"grid": grid, "candidates": candidates}
+    return out
+
+
+class _ValScore:
+    """A merged state's validation criterion: (normalised accuracy, per-task accuracy)."""
+
+    def __init__(self, evaluate, val, n_val, own):
+        self.evaluate, self.val, self.n_val, self.own = evaluate, val, n_val, own
+
+    def __call__(self, state):
+        acc = _mean(self.evaluate(state, self.val, self.n_val))
+        return _normalized(acc, self.own), acc
+
+
+def _settings_key(regime: Regime, methods) -> str:
+    """What a seed's results depend on besides the seed: reused results must match it.
+
+    The merge, tuning and training code is hashed; this file's orchestration and the
+    report are not, so --reuse-seeds trusts that an edit here did not change a seed's
+    numbers (rerun without it after such an edit).
+    """
+    fields = regime.describe()
+    fields.pop("seeds")
+    names = ("_quality_methods.py", "_quality_evolve.py", "_quality_setup.py", "toy.py")
+    sources = [HERE / name for name in names]
+    blob = json.dumps(
+        {
+            "regime": fields,
+            "methods": [m.label for m in methods],
+            "code": [hashlib.sha256(f.read_bytes()).hexdigest() for f in sources],
+        },
+        sort_keys=True,
+        default=list,
     )
-    state = run_merge_config(config)
-    acc = _mean(evaluate(state, val, regime.n_val))
-    weights = [m["parameters"]["weight"] for m in config["models"]]
-    params = {**config["parameters"], "weights": [round(w, 3) for w in weights]}
-    params = {k: round(v, 4) if isinstance(v, float) else v for k, v in params.items()}
-    best = {"params": params, "val_normalized": _normalized(acc, own_val), "val_per_task": acc}
-    return best, state
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def run(regime: Regime, out_dir: Path, methods: tuple[Method, ...], log=print) -> dict:
+def _run_seed(
+    regime, seed, family, model, tokenizer, base_state, base_test, val, test, evaluate, active, log
+) -> dict:
+    experts = family.experts[seed]
+    tasks = list(experts)
+    needs_disk = any(m.via not in ("api", "random") for m in active)
+    on_disk = (
+        _save_checkpoints(
+            model, tokenizer, base_state, experts, family.cache_dir / f"disk-seed{seed}"
+        )
+        if needs_disk
+        else None
+    )
+    # Every expert on every task: its own accuracy normalises, the rest shows forgetting.
+    cross = {task: _mean(evaluate(experts[task], test, regime.n_test)) for task in experts}
+    own_test = {task: cross[task][task] for task in experts}
+    own_val = {task: _mean(evaluate(experts[task], val, regime.n_val))[task] for task in experts}
+    val_score = _ValScore(evaluate, val, regime.n_val, own_val)
+    result = {
+        "seed": seed,
+        "own_test": own_test,
+        "own_val": own_val,
+        "cross": cross,
+        "base_normalized": _normalized(_mean(base_test), own_test),
+        "methods": {},
+        "curves": {},
+    }
+    searches = _search_curves(
+        regime, seed, active, on_disk, tasks, base_state, experts, val_score, family.cache_dir
+    )
+    pcb = METHODS_BY_LABEL["pcb"]
+    tested: dict[tuple[str, int], dict] = {}  # (kind, candidate index) -> test hits
+
+    def search_test(kind, index):
+        if (kind, index) not in tested:
+            values = searches[kind]["candidates"][index]["values"]
+            params = _quality_evolve.params_of(values, tasks)
+            state = merge(pcb, base_state, experts, params)
+            tested[kind, index] = evaluate(state, test, regime.n_test)
+        return tested[kind, index]
+
+    for method in active:
+        if method.via in SEARCHES:
+            run = searches[method.via]
+            n = run["grid"] * method.budget_factor
+            index = _quality_evolve.best_prefixes(run["candidates"], [n])[n]
+            cand = run["candidates"][index]
+            values = cand["values"]
+            best = {
+                "params": {
+                    "pcb_ratio": round(values["pcb_ratio"][0], 4),
+                    "lambda": round(values["lambda"], 4),
+                    "weights": [round(w, 3) for w in values["weight"]],
+                    "candidates": n,
+                },
+                "val_normalized": cand["val_normalized"],
+            }
+            sweep = [best]
+            hits = search_test(method.via, index)
+        else:
+            sweep = []
+            for params in configurations(method, regime.scales, regime.densities):
+                state = merge(method, base_state, experts, params, on_disk)
+                norm, acc = val_score(state)
+                sweep.append({"params": params, "val_normalized": norm, "val_per_task": acc})
+            best = max(sweep, key=lambda row: row["val_normalized"])
+            chosen = merge(method, base_state, experts, best["params"], on_disk)
+            hits = evaluate(chosen, test, regime.n_test)
+        acc = _mean(hits)
+        result["methods"][method.label] = {
+            "chosen": best["params"],
+            "val_normalized": best["val_normalized"],
+            "test_per_task": acc,
+            "test_normalized": _normalized(acc, own_test),
+            "hits": hits,
+            "sweep": sweep,
+        }
+        log(
+            f"seed {seed} {method.label:24s} val {best['val_normalized']:.3f} "
+            f"test {result['methods'][method.label]['test_normalized']:.3f} "
+            f"with {best['params']}"
+        )
+    if "evolve" in searches:  # the search's own merge and mergekit's agree on its best
+        run = searches["evolve"]
+        last = len(run["candidates"])
+        index = _quality_evolve.best_prefixes(run["candidates"], [last])[last]
+        params = _quality_evolve.params_of(run["candidates"][index]["values"], tasks)
+        again = val_score(merge(pcb, base_state, experts, params))[0]
+        result["evolve_val_recheck"] = again - run["candidates"][index]["val_normalized"]
+        if abs(result["evolve_val_recheck"]) > 1e-9:
+            log(f"seed {seed}: warning: evolve's best scores {again:.6f} when mergekit merges it")
+    # Test score of the best-on-validation candidate after n scored candidates.
+    for kind, run in searches.items():
+        factor = max(m.budget_factor for m in active if m.via == kind)
+        marks = _checkpoints(run["grid"], factor)
+        best_at = _quality_evolve.best_prefixes(run["candidates"], marks)
+        result["curves"][SEARCHES[kind]] = [
+            {
+                "candidates": n,
+                "val_normalized": run["candidates"][i]["val_normalized"],
+                "test_normalized": _normalized(_mean(search_test(kind, i)), own_test),
+            }
+            for n, i in best_at.items()
+        ]
+        result["curves"][SEARCHES[kind]][0]["all_val"] = [
+            round(c["val_normalized"], 5) for c in run["candidates"]
+        ]
+    if "pcb" in result["methods"]:
+        row = result["methods"]["pcb"]
+        result["curves"]["pcb grid"] = [
+            {
+                "candidates": len(row["sweep"]),
+                "val_normalized": row["val_normalized"],
+                "test_normalized": row["test_normalized"],
+            }
+        ]
+    return result
+
+
+def run(
+    regime: Regime,
+    out_dir: Path,
+    methods: tuple[Method, ...],
+    log=print,
+    *,
+    reuse_seeds: bool = False,
+) -> dict:
+    """Every seed of ``regime``; with ``reuse_seeds``, seeds already in OUT/per_seed are kept."""
     start = time.perf_counter()
     family, model, val, test = bench(regime, log=log)
     tokenizer = family.tokenizer
@@ -109,79 +288,45 @@ def run(regime: Regime, out_dir: Path, methods: tuple[Method, ...], log=print) -
     base_test = evaluate(base_state, test, regime.n_test)
     active = [m for m in methods if m.available()]
     skipped = [m.label for m in methods if not m.available()]
-    per_seed = []
-    needs_disk = any(m.via != "api" for m in active)
+    key = _settings_key(regime, active)
+    seeds_dir = out_dir / "per_seed"
+    seeds_dir.mkdir(parents=True, exist_ok=True)
+    per_seed, reused = [], []
     for seed in regime.seeds:
-        experts = family.experts[seed]
-        on_disk = (
-            _save_checkpoints(
-                model, tokenizer, base_state, experts, family.cache_dir / f"disk-seed{seed}"
-            )
-            if needs_disk
-            else None
+        saved = seeds_dir / f"seed{seed}.pt"
+        if reuse_seeds and saved.exists():
+            record = torch.load(saved, weights_only=False)
+            if record["key"] == key:
+                log(f"seed {seed}: results reused from {saved}")
+                per_seed.append(record["result"])
+                reused.append(seed)
+                continue
+        seed_start = time.perf_counter()
+        result = _run_seed(
+            regime,
+            seed,
+            family,
+            model,
+            tokenizer,
+            base_state,
+            base_test,
+            val,
+            test,
+            evaluate,
+            active,
+            log,
         )
-        # Every expert on every task: its own accuracy normalises, the rest shows forgetting.
-        cross = {task: _mean(evaluate(experts[task], test, regime.n_test)) for task in experts}
-        own_test = {task: cross[task][task] for task in experts}
-        own_val = {
-            task: _mean(evaluate(experts[task], val, regime.n_val))[task] for task in experts
-        }
-        seed_result = {
-            "seed": seed,
-            "own_test": own_test,
-            "own_val": own_val,
-            "cross": cross,
-            "base_normalized": _normalized(_mean(base_test), own_test),
-            "methods": {},
-        }
-        for method in active:
-            if method.via == "evolve":
-                best, chosen = _evolve(
-                    method,
-                    regime,
-                    seed,
-                    on_disk,
-                    list(experts),
-                    evaluate,
-                    own_val,
-                    family.cache_dir,
-                )
-                sweep = [best]
-            else:
-                sweep = []
-                for params in configurations(method, regime.scales, regime.densities):
-                    state = merge(method, base_state, experts, params, on_disk)
-                    acc = _mean(evaluate(state, val, regime.n_val))
-                    sweep.append(
-                        {
-                            "params": params,
-                            "val_normalized": _normalized(acc, own_val),
-                            "val_per_task": acc,
-                        }
-                    )
-                best = max(sweep, key=lambda row: row["val_normalized"])
-                chosen = merge(method, base_state, experts, best["params"], on_disk)
-            hits = evaluate(chosen, test, regime.n_test)
-            acc = _mean(hits)
-            seed_result["methods"][method.label] = {
-                "chosen": best["params"],
-                "val_normalized": best["val_normalized"],
-                "test_per_task": acc,
-                "test_normalized": _normalized(acc, own_test),
-                "hits": hits,
-                "sweep": sweep,
-            }
-            log(
-                f"seed {seed} {method.label:18s} val {best['val_normalized']:.3f} "
-                f"test {seed_result['methods'][method.label]['test_normalized']:.3f} "
-                f"with {best['params']}"
-            )
-        per_seed.append(seed_result)
+        result["seconds"] = time.perf_counter() - seed_start
+        torch.save({"key": key, "result": result}, saved)
+        per_seed.append(result)
 
     comparisons = {}
     labels = {m.label for m in active}
     pairs = [("pcb", "ties"), ("pcb", "task_arithmetic"), ("pcb", "dare_ties")]
-    pairs += [("pcb (model scope)", "pcb"), ("pcb + evolve", "pcb"), ("pcb + evolve (4x)", "pcb")]
+    pairs += [("pcb (model scope)", "pcb")]
+    for suffix in ("", " (4x)"):  # each search against the grid, and against each other
+        pairs += [(f"pcb + evolve{suffix}", "pcb"), (f"pcb + random search{suffix}", "pcb")]
+        pairs += [(f"pcb + evolve{suffix}", f"pcb + random search{suffix}")]
     for a, b in pairs:
         if {a, b} <= labels:
             comparisons[f"{a} - {b}"] = bootstrap_difference(per_seed, a, b, regime.bootstrap)
@@ -200,6 +345,7 @@ def run(regime: Regime, out_dir: Path, methods: tuple[Method, ...], log=print) -
             "torch": torch.__version__,
         },
         "skipped_methods": skipped,
+        "reused_seeds": reused,
         "base_test_hits": base_test,
         "per_seed": per_seed,
         "comparisons": comparisons,
@@ -238,6 +384,18 @@ def _out_for(out_dir: Path, regime_name: str) -> Path:
     show_default=True,
     help="torch threads; the benchmark's numbers do not depend on it beyond rounding.",
 )
+@click.option(
+    "--seeds",
+    default=None,
+    help="Comma-separated seeds instead of the regime's (e.g. 0,1,2 first, then all five "
+    "with --reuse-seeds).",
+)
+@click.option(
+    "--reuse-seeds",
+    is_flag=True,
+    help="Keep the results of seeds already in OUT/per_seed when they were made with the same "
+    "regime, methods and benchmark code; run only the others.",
+)
 @click.option("--no-plot", is_flag=True, help="Skip the PNG (matplotlib is an optional extra).")
 @click.option(
     "--report-only",
@@ -249,6 +407,8 @@ def main(
     regime_name: str,
     out_dir: Path | None,
     threads: int,
+    seeds: str | None,
+    reuse_seeds: bool,
     no_plot: bool,
     report_only: bool,
 ) -> None:
@@ -272,9 +432,23 @@ def main(
     for name in names:
         torch.manual_seed(0)
         regime = QUICK_REGIMES[name] if quick else REGIMES[name]
+        if seeds:
+            try:
+                chosen = tuple(int(x) for x in seeds.split(","))
+            except ValueError:
+                raise click.BadParameter(
+                    f"{seeds!r}: comma-separated integers", param_hint="--seeds"
+                ) from None
+            regime = replace(regime, seeds=chosen)
         target = _out_for(out_dir, name)
         target.mkdir(parents=True, exist_ok=True)
-        result = run(regime, target, METHODS, log=lambda msg: click.echo(msg, err=True))
+        result = run(
+            regime,
+            target,
+            METHODS,
+            log=lambda msg: click.echo(msg, err=True),
+            reuse_seeds=reuse_seeds,
+        )
         result["command"] = shlex.join(["python", "benchmarks/quality.py", *sys.argv[1:]])
         write_outputs(result, target, plot_png=not no_plot)
         click.echo(

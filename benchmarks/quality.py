@@ -6,8 +6,9 @@ method in :data:`METHODS` through mergekit's own merge API, tunes each method's
 scale and density on a validation split, and reports exact match on a separate
 test split. Why each design choice: see ``benchmarks/RESULTS.md``.
 
-    python benchmarks/quality.py            # full run (3 seeds), writes benchmarks/
-    python benchmarks/quality.py --quick    # 1 seed, 3 tasks, small grid (the test runs it)
+    python benchmarks/quality.py --regime all   # 3 regimes x 5 seeds, writes benchmarks/
+    python benchmarks/quality.py --regime lora --seeds 0,1,2 --reuse-seeds   # a few seeds first
+    python benchmarks/quality.py --quick --out DIR   # 1 seed, 3 tasks, small grid (the test)
 """
 
 from __future__ import annotations

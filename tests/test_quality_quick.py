@@ -94,7 +94,7 @@ def test_tuning_stays_on_the_declared_grid(quick):
     scales = set(res["regime"]["scales"])
     densities = set(res["regime"]["densities"])
     for label, row in res["methods"].items():
-        if label.startswith("pcb + evolve"):  # continuous search, checked below
+        if label.startswith(("pcb + evolve", "pcb + random search")):  # checked below
             continue
         sweep = row["sweep_seed0"]
         (chosen,) = row["chosen"]
@@ -112,13 +112,23 @@ def test_tuning_stays_on_the_declared_grid(quick):
             assert len(sweep) == len(scales)
 
 
-def test_evolve_row_stays_in_the_searched_ranges(quick):
+SEARCH_ROWS = (
+    "pcb + evolve",
+    "pcb + evolve (4x)",
+    "pcb + random search",
+    "pcb + random search (4x)",
+)
+
+
+def test_search_rows_stay_in_the_searched_ranges(quick):
     _, res = quick
-    rows = [res["methods"].get(label) for label in ("pcb + evolve", "pcb + evolve (4x)")]
+    rows = [res["methods"].get(label) for label in SEARCH_ROWS]
     if None in rows:
         pytest.skip("mergekit_pcb.evolve is not in this checkout")
-    for row in rows:
+    grid = len(res["methods"]["pcb"]["sweep_seed0"])
+    for label, row in zip(SEARCH_ROWS, rows, strict=True):
         (chosen,) = row["chosen"]
+        assert chosen["candidates"] == grid * (4 if "4x" in label else 1)
         scales, densities = res["regime"]["scales"], res["regime"]["densities"]
         assert min(scales) - 1e-6 <= chosen["lambda"] <= max(scales) + 1e-6
         assert min(densities) - 1e-6 <= chosen["pcb_ratio"] <= max(densities) + 1e-6
@@ -126,12 +136,38 @@ def test_evolve_row_stays_in_the_searched_ranges(quick):
         assert all(0.7 - 1e-6 <= w <= 1.3 + 1e-6 for w in chosen["weights"])
 
 
+def test_search_curves_are_prefixes_of_one_run(quick):
+    """A budget's row is the best-on-validation of the run's first n candidates."""
+    _, res = quick
+    curves = res["curves"]
+    if "pcb + evolve" not in curves:
+        pytest.skip("mergekit_pcb.evolve is not in this checkout")
+    grid = len(res["methods"]["pcb"]["sweep_seed0"])
+    assert [p["candidates"] for p in curves["pcb grid"]] == [grid]
+    for label in ("pcb + evolve", "pcb + random search"):
+        points = {p["candidates"]: p for p in curves[label]}
+        assert sorted(points) == [grid // 2, grid, 2 * grid, 3 * grid, 4 * grid]
+        vals = [points[n]["val_mean"] for n in sorted(points)]
+        assert vals == sorted(vals)  # more candidates never choose a worse validation score
+        for suffix, n in (("", grid), (" (4x)", 4 * grid)):
+            row = res["methods"][label + suffix]
+            assert 100 * row["normalized_mean"] == pytest.approx(points[n]["test_mean"], abs=1e-9)
+            assert 100 * row["val_normalized"][0] == pytest.approx(points[n]["val_mean"], abs=1e-9)
+    gap = res["search_vs_grid"]["pcb + evolve (4x)"]["mean_points"]
+    expected = (
+        res["methods"]["pcb + evolve (4x)"]["normalized_mean"]
+        - res["methods"]["pcb"]["normalized_mean"]
+    )
+    assert gap == pytest.approx(100 * expected, abs=1e-9)
+    assert res["verdicts"]["search_4x_ge_grid_plus_0_5"] == (gap >= 0.5)
+
+
 def test_bootstrap_interval_brackets_the_gap(quick):
     _, res = quick
     for name, comp in res["comparisons"].items():
-        other = name.split(" - ")[1]
+        first, other = name.split(" - ")
         gap = 100 * (
-            res["methods"]["pcb"]["normalized_mean"] - res["methods"][other]["normalized_mean"]
+            res["methods"][first]["normalized_mean"] - res["methods"][other]["normalized_mean"]
         )
         assert comp["points"] == pytest.approx(gap, abs=1e-4), name  # float32 means
         lo, hi = comp["ci95"]
@@ -223,6 +259,15 @@ def test_in_memory_merges_equal_mergekits_full_pipeline(quick, monkeypatch):
     for label, params in (
         ("pcb", {"weight": 1.0, "lambda": 0.5, "pcb_ratio": 0.2}),
         ("ties", {"weight": 1.0, "lambda": 0.7, "density": 0.4}),
+        # The search rows' test merges: one weight per expert, as in best.yml.
+        (
+            "pcb",
+            {
+                "weight": dict(zip(experts, (0.8, 1.1, 1.25), strict=True)),
+                "lambda": 1.3,
+                "pcb_ratio": 0.3,
+            },
+        ),
     ):
         method = by_label[label]
         in_memory = merge(method, base, experts, params)
