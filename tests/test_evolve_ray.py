@@ -12,6 +12,7 @@ from mergekit_pcb.evolve.config import load_config
 from mergekit_pcb.evolve.search import RunOptions, run_search
 
 pytest.importorskip("ray")
+pytestmark = pytest.mark.slow  # starts a local Ray
 
 
 def test_ray_pool_matches_local_search(tmp_path):

@@ -13,6 +13,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # a benchmark run end to end
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "evolve_speed.py"
 ROW = re.compile(r"^(?P<label>[^:]+):\s+(?P<value>[\d.]+) (?P<unit>s|GiB)\s*(?P<note>.*)$")
