@@ -65,15 +65,15 @@ class PCBMerge(GroupMergeMethod):
         super().validate_inputs(input_ids, base_id, group_name=group_name)
 
     def merge_group(self, group: TensorGroup, /, **params: Any) -> torch.Tensor:
-        if params["pcb_scope"] == "model":  # first: its passes run before any tau of ours
-            statistics = model_scope.statistics(NAME)
+        # Whole-model statistics first: their passes run before any tau of ours exists.
+        whole = model_scope.statistics(NAME) if params["pcb_scope"] == "model" else None
         experts = groups.ordered(group, params["weight"])
         base, tensors = group.base.tensor, [e.tensor for e in experts]
         coefficients = [params["weight"][e.id] for e in experts]
         common = {"pcb_ratio": params["pcb_ratio"], "scale": params["lambda"]}
         try:
-            if params["pcb_scope"] == "model":
-                rows = [statistics[e.id] for e in experts]
+            if whole is not None:
+                rows = [whole[e.id] for e in experts]
                 result = kernel.merge_with_statistics(base, tensors, coefficients, rows, **common)
             elif kernel.streams(base, tensors, params["clamp_ratio"]):
                 result = kernel.merge_streamed(
