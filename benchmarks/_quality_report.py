@@ -373,6 +373,13 @@ def markdown(summary: dict) -> str:
         f"Machine: {m['platform']}, {m['cpu_count']} CPUs, torch {m['torch']} with "
         f"{m['torch_threads']} thread(s), Python {m['python']}",
         "",
+        f"Regime: `{r['name']}`"
+        + (
+            " (the other regimes: `replay/RESULTS.md`, `lora/RESULTS.md`)."
+            if r["name"] == "distilled"
+            else " (the `distilled` regime and the regimes tried: `../RESULTS.md`)."
+        ),
+        "",
         "## Result (test split, exact match in %)",
         "",
         f"Normalised accuracy = merged accuracy / the expert's own accuracy, per task, averaged "
