@@ -49,6 +49,24 @@ ONE_B = FamilySpec(
 FAMILIES = {"quick": QUICK, "full": FULL, "1b": ONE_B}
 
 
+def family_options(command):
+    """``--family`` and its ``--quick`` shorthand, as every benchmark takes them."""
+    import click
+
+    command = click.option("--quick", is_flag=True, help="Same as --family quick.")(command)
+    return click.option(
+        "--family",
+        type=click.Choice(list(FAMILIES)),
+        default="full",
+        show_default=True,
+        help="Models: quick (smoke run), full (166M), 1b (0.95B; drawn on a GPU if any).",
+    )(command)
+
+
+def family_spec(family: str, quick: bool) -> FamilySpec:
+    return FAMILIES["quick" if quick else family]
+
+
 def cache_root() -> Path:
     default = Path.home() / ".cache" / "mergekit-pcb-bench"
     return Path(os.environ.get(CACHE_ENV, default))

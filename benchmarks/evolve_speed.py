@@ -33,7 +33,7 @@ import click
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _models import FAMILIES, build_family
+from _models import build_family, family_options, family_spec
 from speed import run_once
 
 SEARCH = {"pcb_ratio": [0.02, 0.5], "lambda": [0.5, 2.0], "weight": [0.8, 1.3]}
@@ -128,14 +128,7 @@ def _run_inner(raw: dict, candidates: int, threads: int | None, work: Path):
 
 
 @click.command()
-@click.option(
-    "--family",
-    type=click.Choice(list(FAMILIES)),
-    default="full",
-    show_default=True,
-    help="Models: quick (smoke run), full (166M), 1b (0.95B).",
-)
-@click.option("--quick", is_flag=True, help="Same as --family quick.")
+@family_options
 @click.option("--candidates", type=int, default=7, show_default=True, help="Candidates to time.")
 @click.option("--threads", "-j", type=int, default=None, help="torch threads of both processes.")
 @click.option(
@@ -164,7 +157,7 @@ def main(
         result = search_side(spec["config"], spec["candidates"], spec["threads"])
         inner[1].write_text(json.dumps(result))
         return
-    spec = FAMILIES["quick" if quick else family]
+    spec = family_spec(family, quick)
     name = "quick" if quick else family
     import torch
 

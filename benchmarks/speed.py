@@ -29,7 +29,7 @@ import click
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _models import FAMILIES, build_family, parameter_count
+from _models import build_family, family_options, family_spec, parameter_count
 
 METHODS: dict[str, dict] = {
     "pcb": {"merge_method": "pcb", "parameters": {"pcb_ratio": 0.2}},
@@ -135,14 +135,7 @@ def table(results: dict[str, list[Sample]]) -> str:
 
 
 @click.command()
-@click.option(
-    "--family",
-    type=click.Choice(list(FAMILIES)),
-    default="full",
-    show_default=True,
-    help="Models to merge: quick (smoke run), full (166M), 1b (0.95B; drawn on a GPU if any).",
-)
-@click.option("--quick", is_flag=True, help="Same as --family quick.")
+@family_options
 @click.option("--repeats", "-r", default=3, show_default=True, help="Runs per method.")
 @click.option("--cuda", is_flag=True, help="Pass --cuda to mergekit-yaml.")
 @click.option(
@@ -179,7 +172,7 @@ def main(
     cache_dir: Path | None,
 ) -> None:
     """Median wall time and peak RSS of mergekit-yaml per merge method, as a markdown table."""
-    spec = FAMILIES["quick" if quick else family]
+    spec = family_spec(family, quick)
     click.echo(
         f"building/using cached models ({parameter_count(spec) / 1e6:.0f}M params, "
         f"bf16, base + {spec.n_experts} experts)...",

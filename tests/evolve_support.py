@@ -99,3 +99,19 @@ def search_config(fam: dict, **overrides) -> dict:
 def write_config(path: Path, cfg: dict) -> Path:
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
+
+
+def loss_search_config(family, tmp_path: Path, **overrides):
+    """A validated search over ``family`` (a conftest Family) with one tiny loss task:
+    for tests of the cache and the candidates, where the score does not matter."""
+    from mergekit_pcb.evolve.config import EvolveConfig
+
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"text": "abc"}) + "\n")
+    raw = {
+        "base_model": str(family.base),
+        "models": [str(p) for p in family.experts],
+        "evaluation": {"tasks": [{"name": "t", "type": "loss", "data": str(data)}]},
+    }
+    raw.update(overrides)
+    return EvolveConfig.model_validate(raw)

@@ -8,11 +8,10 @@ mergekit filters, on the streamed path and the stored one.
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from conftest import check, load_tensors, run_tool
+from evolve_support import loss_search_config
 
 from mergekit_pcb.evolve import cache as cache_mod
 from mergekit_pcb.evolve import layout as layout_mod
@@ -22,16 +21,7 @@ from mergekit_pcb.evolve.evaluator import load_model
 
 
 def _cfg(family, tmp_path, **kw) -> EvolveConfig:
-    data = tmp_path / "d.jsonl"
-    data.write_text(json.dumps({"text": "abc"}) + "\n")
-    raw = {
-        "base_model": str(family.base),
-        "models": [str(p) for p in family.experts],
-        "evaluation": {"tasks": [{"name": "t", "type": "loss", "data": str(data)}]},
-        "parameters": {"clamp_ratio": 0.01},
-    }
-    raw.update(kw)
-    return EvolveConfig.model_validate(raw)
+    return loss_search_config(family, tmp_path, **{**{"parameters": {"clamp_ratio": 0.01}}, **kw})
 
 
 def _search_state(cfg, values, *, cache_dir=None, force_disk=False):

@@ -14,6 +14,7 @@ import json
 import pytest
 import torch
 import yaml
+from evolve_support import loss_search_config
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -27,17 +28,9 @@ from mergekit_pcb.parameters import PCB_RATIO
 
 
 def _cfg(family, tmp_path, **kw) -> EvolveConfig:
-    data = tmp_path / "d.jsonl"
-    data.write_text(json.dumps({"text": "abc"}) + "\n")
-    raw = {
-        "base_model": str(family.base),
-        "models": [str(p) for p in family.experts],
-        "evaluation": {"tasks": [{"name": "t", "type": "loss", "data": str(data)}]},
-        "parameters": {"clamp_ratio": 0.0},
-        "dtype": "bfloat16",
-    }
-    raw.update(kw)
-    return EvolveConfig.model_validate(raw)
+    return loss_search_config(
+        family, tmp_path, **{**{"parameters": {"clamp_ratio": 0.0}, "dtype": "bfloat16"}, **kw}
+    )
 
 
 def _search_cfg(pcb_ratio) -> EvolveConfig:
