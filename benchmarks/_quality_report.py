@@ -401,7 +401,7 @@ def markdown(summary: dict) -> str:
         search_lines(summary),
         "## Setup",
         "",
-        f"- Tasks: {', '.join(tasks)} (see `mergekit_pcb/toy.py`); one format `T:DIGITS=ANSWER`.",
+        f"- Tasks: {', '.join(tasks)} (see `benchmarks/toy.py`); one format `T:DIGITS=ANSWER`.",
         f"- Model: Llama, hidden {r['hidden_size']}, {r['num_layers']} layers, "
         f"{r['num_heads']} heads, random init, character tokenizer.",
         f"- Base: {r['base_steps']} AdamW steps at lr {r['base_lr']:g} on an equal mixture of "
