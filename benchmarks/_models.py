@@ -50,9 +50,16 @@ FAMILIES = {"quick": QUICK, "full": FULL, "1b": ONE_B}
 
 
 def family_options(command):
-    """``--family`` and its ``--quick`` shorthand, as every benchmark takes them."""
+    """``--family``, its ``--quick`` shorthand and ``--cache-dir``, as every benchmark
+    takes them."""
     import click
 
+    command = click.option(
+        "--cache-dir",
+        type=click.Path(path_type=Path),
+        default=None,
+        help=f"Where the models are built (default ${CACHE_ENV} or ~/.cache/mergekit-pcb-bench).",
+    )(command)
     command = click.option("--quick", is_flag=True, help="Same as --family quick.")(command)
     return click.option(
         "--family",

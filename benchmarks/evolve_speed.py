@@ -134,13 +134,6 @@ def _run_inner(raw: dict, candidates: int, threads: int | None, work: Path):
 @click.option(
     "--device", default="cpu", show_default=True, help="The search's device (cuda: a GPU)."
 )
-@click.option(
-    "--cache-dir",
-    type=click.Path(path_type=Path),
-    default=None,
-    help="Where the models are built (default $MERGEKIT_PCB_BENCH_CACHE or "
-    "~/.cache/mergekit-pcb-bench).",
-)
 @click.option("--inner", nargs=2, type=click.Path(path_type=Path), default=None, hidden=True)
 def main(
     family: str,

@@ -155,13 +155,6 @@ def table(results: dict[str, list[Sample]]) -> str:
     type=click.Choice(list(METHODS)),
     help="Methods to time (default: all).",
 )
-@click.option(
-    "--cache-dir",
-    type=click.Path(path_type=Path),
-    default=None,
-    help="Where the models are built (default $MERGEKIT_PCB_BENCH_CACHE or "
-    "~/.cache/mergekit-pcb-bench).",
-)
 def main(
     family: str,
     quick: bool,

@@ -379,16 +379,9 @@ window.addEventListener("load", () => {
 </script>"""
 
 
-def test_page_renders_in_a_headless_browser(example, tmp_path):
-    """Every image decodes, nothing is fetched, and the console stays quiet."""
-    browser = _browser()
-    if browser is None:
-        pytest.skip("no Chromium here (Debian: apt-get install chromium)")
-    report, folder = example
-    page = (folder / "report.html").read_text()
-    probed = tmp_path / "probed.html"  # the probe script is the only change
-    probed.write_text(page.replace("</body>", _PROBE + "</body>"))
-    result = subprocess.run(
+def _load(browser: str, page: Path) -> subprocess.CompletedProcess:
+    """The page loaded in headless Chromium: its DOM on stdout, its console on stderr."""
+    return subprocess.run(
         [
             browser,
             "--headless",
@@ -398,12 +391,24 @@ def test_page_renders_in_a_headless_browser(example, tmp_path):
             "--v=0",
             "--virtual-time-budget=10000",
             "--dump-dom",
-            probed.as_uri(),
+            page.as_uri(),
         ],
         capture_output=True,
         text=True,
         timeout=120,
     )
+
+
+def test_page_renders_in_a_headless_browser(example, tmp_path):
+    """Every image decodes, nothing is fetched, and the console stays quiet."""
+    browser = _browser()
+    if browser is None:
+        pytest.skip("no Chromium here (Debian: apt-get install chromium)")
+    report, folder = example
+    page = (folder / "report.html").read_text()
+    probed = tmp_path / "probed.html"  # the probe script is the only change
+    probed.write_text(page.replace("</body>", _PROBE + "</body>"))
+    result = _load(browser, probed)
     assert result.returncode == 0, result.stderr[-2000:]
     probe = re.search(r'data-probe="([^"]*)"', result.stdout)
     assert probe, result.stdout[-2000:]
@@ -424,22 +429,7 @@ def test_probe_sees_a_broken_page(tmp_path):
     bad.write_text(
         '<html><body><img src="missing.png"><script>nothing();</script>' + _PROBE + "</body></html>"
     )
-    result = subprocess.run(
-        [
-            browser,
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--enable-logging=stderr",
-            "--v=0",
-            "--virtual-time-budget=10000",
-            "--dump-dom",
-            bad.as_uri(),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = _load(browser, bad)
     seen = json.loads(html.unescape(re.search(r'data-probe="([^"]*)"', result.stdout).group(1)))
     assert seen["images"] == [[True, 0]]
     assert any(":CONSOLE" in line and "nothing" in line for line in result.stderr.splitlines())
