@@ -29,11 +29,14 @@ def _check_keys(raw: Any, model: type[BaseModel], where: str) -> None:
     """Reject keys the pydantic schema would silently drop (e.g. ``paramters:``)."""
     if not isinstance(raw, Mapping):
         return
-    known = list(model.model_fields)
+    _unknown_keys(raw, list(model.model_fields), where)
+
+
+def _unknown_keys(raw: Mapping, known: list[str], where: str, inside: str = "") -> None:
     for key in raw:
         if key not in known:
             raise ConfigError(
-                f"{where}: unknown key '{key}'{did_you_mean(str(key), known)} "
+                f"{where}: unknown key '{key}'{inside}{did_you_mean(str(key), known)} "
                 f"(allowed keys: {', '.join(known)})"
             )
 
@@ -84,13 +87,7 @@ def _check_setting(setting: Any, at: str, name: str, specs: dict | None) -> None
                 f"{at}: got {item!r} among filter entries; allowed: "
                 "{filter: <part of a tensor name>, value: ...} entries only"
             )
-        known = list(ConditionalParameter.model_fields)
-        for key in item:
-            if key not in known:
-                raise ConfigError(
-                    f"{at}: unknown key '{key}' in a filter entry{did_you_mean(str(key), known)} "
-                    f"(allowed keys: {', '.join(known)})"
-                )
+        _unknown_keys(item, list(ConditionalParameter.model_fields), at, " in a filter entry")
         if "value" not in item:
             raise ConfigError(
                 f"{at}: filter entry without 'value'; allowed: {{filter: ..., value: ...}}"
