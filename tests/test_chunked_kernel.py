@@ -28,7 +28,7 @@ from mergekit_pcb.kernel import experts, runtime, selection, torch_ops
 def threads(monkeypatch):
     """Restore torch's thread count whatever a test sets; even a few chunks go to the
     pool, so that two threads really run."""
-    monkeypatch.setattr(runtime, "CHUNKS_PER_THREAD", 1)
+    monkeypatch.setattr(runtime, "MIN_CHUNKS_PER_THREAD", 1)
     before = torch.get_num_threads()
     yield
     torch.set_num_threads(before)
@@ -209,16 +209,68 @@ def test_map_chunks_restores_threads_keeps_order_and_raises(threads):
     assert torch.get_num_threads() == 2
 
 
-def test_few_chunks_stay_on_the_calling_thread():
-    """Under CHUNKS_PER_THREAD chunks per thread the hand-offs cost more than they gain."""
+def test_workers_follow_work_size_and_thread_budget():
+    """The thread count grows with the tensor up to the budget; below two thread shares
+    of chunks everything stays on the calling thread."""
+    before = torch.get_num_threads()
+    least = runtime.MIN_CHUNKS_PER_THREAD
+    try:
+        for budget in (1, 2, 3, 16):
+            torch.set_num_threads(budget)
+            for chunks in (0, 1, least, 2 * least - 1, 2 * least, 5 * least + 1, 1000):
+                expected = max(1, min(budget, chunks // least))
+                assert runtime.workers(chunks) == expected, (budget, chunks)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_few_chunks_stay_on_the_calling_thread_many_share_it():
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        few = runtime.CHUNKS_PER_THREAD * 2 - 1
+        few = runtime.MIN_CHUNKS_PER_THREAD * 2 - 1
         seen = runtime.map_chunks(lambda i: threading.get_ident(), list(range(few)), "cpu")
         assert set(seen) == {threading.get_ident()}
-        many = runtime.map_chunks(lambda i: threading.get_ident(), list(range(few + 1)), "cpu")
-        assert threading.get_ident() not in set(many)
+        # The first two items wait for each other: two threads must hold them at once,
+        # and the caller is one of the workers.
+        meet = threading.Barrier(2)
+
+        def item(i: int) -> int:
+            if i < 2:
+                meet.wait(timeout=30)
+            return threading.get_ident()
+
+        many = runtime.map_chunks(item, list(range(few + 1)), "cpu")
+        assert len(set(many)) == 2 and threading.get_ident() in set(many)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_kernel_entry_runs_ops_single_threaded_and_keeps_the_budget():
+    """Inside the kernel torch's own threads are off (no per-op barriers, which stall on
+    a busy machine), while map_chunks still spreads chunks over the caller's budget."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    seen = {}
+
+    @runtime.owns_threads
+    def entry(nested: bool) -> None:
+        seen["ops"], seen["budget"] = torch.get_num_threads(), runtime.threads()
+        if nested:
+            entry(False)  # an entry point called from another one keeps the budget
+
+    try:
+        entry(True)
+        assert seen == {"ops": 1, "budget": 3}
+        assert torch.get_num_threads() == 3 and runtime.threads() == 3
+
+        @runtime.owns_threads
+        def fails() -> None:
+            raise ValueError("inside")
+
+        with pytest.raises(ValueError, match="inside"):
+            fails()
+        assert torch.get_num_threads() == 3 and runtime.threads() == 3
     finally:
         torch.set_num_threads(before)
 

@@ -25,7 +25,7 @@ _BITS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 @pytest.fixture
 def threads(monkeypatch):
     """Many chunks whose width is no multiple of the loops' blocks, in two threads."""
-    monkeypatch.setattr(runtime, "CHUNKS_PER_THREAD", 1)
+    monkeypatch.setattr(runtime, "MIN_CHUNKS_PER_THREAD", 1)
     monkeypatch.setattr(runtime, "CHUNK_ELEMENTS", 3 * 64 * 37)
     before = torch.get_num_threads()
     torch.set_num_threads(2)

@@ -66,6 +66,7 @@ class TaskVectors(NamedTuple):
     changed: bool  # some entry of tau is nonzero
 
 
+@runtime.owns_threads
 def task_vectors(
     base: torch.Tensor,
     experts: Sequence[torch.Tensor],

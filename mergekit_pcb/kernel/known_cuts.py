@@ -34,7 +34,15 @@ import torch
 from mergekit_pcb.kernel import bindings, selection, streamed
 from mergekit_pcb.kernel.experts import task_vectors
 from mergekit_pcb.kernel.paths import NonFiniteTaskVector, streams
-from mergekit_pcb.kernel.runtime import Role, buffer, column_chunks, compute_dtype, map_chunks
+from mergekit_pcb.kernel.runtime import (
+    Role,
+    buffer,
+    column_chunks,
+    compute_dtype,
+    map_chunks,
+    owns_threads,
+    threads,
+)
 from mergekit_pcb.kernel.torch_ops import (
     ClipBounds,
     ClipSelection,
@@ -85,6 +93,7 @@ def flavour(base: torch.Tensor, experts: Sequence[torch.Tensor], clamp_ratio: fl
     return STREAMED if streams(base, experts, clamp_ratio) else STORED
 
 
+@owns_threads
 def statistics(
     base: torch.Tensor,
     experts: Sequence[torch.Tensor],
@@ -171,9 +180,9 @@ def _order_statistics(score: torch.Tensor, ranks: list[int]) -> torch.Tensor:
     n, d = score.shape
     if score.device.type == "cpu" and score.dtype == torch.float32 and bindings.enabled:
         rows = [score[i].contiguous() for i in range(n)]
-        threads = min(n, torch.get_num_threads())
-        if threads > 1 and d >= _THREADED_ROW:
-            with ThreadPoolExecutor(threads) as pool:  # the loop releases the GIL
+        workers = min(n, threads())
+        if workers > 1 and d >= _THREADED_ROW:
+            with ThreadPoolExecutor(workers) as pool:  # the loop releases the GIL
                 picked = list(pool.map(lambda row: bindings.rank_values(row, ranks), rows))
         else:
             picked = [bindings.rank_values(row, ranks) for row in rows]
@@ -193,6 +202,7 @@ def _order_statistics(score: torch.Tensor, ranks: list[int]) -> torch.Tensor:
     return torch.stack(out).cpu()
 
 
+@owns_threads
 def merge(
     base: torch.Tensor,
     experts: Sequence[torch.Tensor],

@@ -21,7 +21,7 @@ import torch
 
 from mergekit_pcb.kernel import bindings, selection, streamed
 from mergekit_pcb.kernel.experts import TaskVectors, task_vectors
-from mergekit_pcb.kernel.runtime import compute_dtype
+from mergekit_pcb.kernel.runtime import compute_dtype, owns_threads
 from mergekit_pcb.kernel.torch_ops import (
     ClipSelection,
     add_scaled,
@@ -52,6 +52,7 @@ def streams(base: torch.Tensor, experts: Sequence[torch.Tensor], clamp_ratio: fl
     )
 
 
+@owns_threads
 def merge_streamed(
     base: torch.Tensor,
     experts: Sequence[torch.Tensor],
@@ -89,6 +90,7 @@ def _weights(coefficients: Sequence[float], like: torch.Tensor) -> torch.Tensor:
     return torch.tensor(coefficients, dtype=like.dtype, device=like.device)
 
 
+@owns_threads
 def merge_stored(
     base: torch.Tensor,
     experts: Sequence[torch.Tensor],
@@ -114,6 +116,7 @@ def merge_stored(
     return _output(vectors, merged, scale, base)
 
 
+@owns_threads
 def merge_with_statistics(
     base: torch.Tensor,
     experts: Sequence[torch.Tensor],

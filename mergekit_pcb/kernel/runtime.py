@@ -1,13 +1,15 @@
 """The kernel's CPU runtime: column chunks, chunk-level threads, per-thread buffers.
 
-Threads: each kernel op runs on one cache-sized chunk, too small for torch's own
-intra-op threads to pay off (their barriers eat the gain). Handing whole chunks to
-a pool of threads that each run their ops single-threaded keeps the cores busy for
-the whole chain of ops. Results do not depend on the number of threads: every
-chunk runs the same ops on the same data, and what chunks share (extremes,
-histograms) is combined order-independently. Small tensors stay on the calling
-thread (see :data:`CHUNKS_PER_THREAD`): handing a few chunks to a pool costs more
-than it saves.
+Threads: inside the kernel (every entry point is :func:`owns_threads`) torch's own
+intra-op threads are off. Each op runs on one cache-sized chunk, too small for them
+to pay off, and their barrier after every op stalls the whole merge whenever a busy
+machine deschedules one of them. Instead :func:`map_chunks` hands whole chunks to
+the caller and helper threads, which take the next chunk as each finishes theirs:
+a descheduled thread then holds up one chunk, not every op. How many threads share
+a tensor follows its size and the thread budget (mergekit's ``-j``, torch's thread
+count): one per :data:`MIN_CHUNKS_PER_THREAD` chunks, at most the budget. Results
+do not depend on the number of threads: every chunk runs the same ops on the same
+data, and what chunks share (extremes, histograms) is combined order-independently.
 
 Buffers: a tensor's task vectors and scores are n x d float matrices. A fresh
 allocation that large is served by ``mmap``, and every 4 KiB page then faults on
@@ -21,6 +23,7 @@ already reuses memory, so a buffer there is a plain allocation.
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -32,8 +35,8 @@ import torch
 T = TypeVar("T")
 R = TypeVar("R")
 
-# Work goes to the pool only with at least this many chunks per thread.
-CHUNKS_PER_THREAD = 16
+# A thread's least share of a tensor, in chunks (see the module).
+MIN_CHUNKS_PER_THREAD = 2
 MAX_BUFFER_BYTES = 64 << 20
 CHUNK_ELEMENTS = 1 << 19  # elements of one chunk of an n x d matrix (all rows), on CPU
 # On a GPU a chunk is a few large kernels, not a cache-sized piece: big enough that
@@ -111,52 +114,98 @@ def buffer(role: Role, numel: int, dtype: torch.dtype, device: torch.device) -> 
     return held[:numel]
 
 
+_state = threading.local()
+
+
+def threads() -> int:
+    """The threads this merge may use: torch's thread count when the kernel was entered
+    (mergekit's ``-j``), or now, outside the kernel."""
+    return getattr(_state, "budget", None) or torch.get_num_threads()
+
+
+def owns_threads(entry: Callable[..., R]) -> Callable[..., R]:
+    """A kernel entry point: torch's intra-op threads are off while it runs (restored
+    after), so every op runs on the thread that calls it and only :func:`map_chunks`
+    spreads work, over :func:`threads` threads."""
+
+    @functools.wraps(entry)
+    def entered(*args, **kwargs):
+        if getattr(_state, "budget", None) is not None:  # already inside the kernel
+            return entry(*args, **kwargs)
+        _state.budget = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return entry(*args, **kwargs)
+        finally:
+            torch.set_num_threads(_state.budget)
+            _state.budget = None
+
+    return entered
+
+
+def workers(chunks: int) -> int:
+    """How many threads share ``chunks`` chunks: all of :func:`threads` for a large
+    tensor, fewer for a smaller one, one below 2 x :data:`MIN_CHUNKS_PER_THREAD`."""
+    return max(1, min(threads(), chunks // MIN_CHUNKS_PER_THREAD))
+
+
 _pool_lock = threading.Lock()
 _pool: ThreadPoolExecutor | None = None
-_pool_workers = 0
 _busy = threading.local()
 
 
-def _executor(workers: int) -> ThreadPoolExecutor:
-    global _pool, _pool_workers
+def _helpers(count: int) -> ThreadPoolExecutor:
+    """The process's pool, grown (never shrunk) to at least ``count`` threads."""
+    global _pool
     with _pool_lock:
-        if _pool is None or _pool_workers != workers:
+        if _pool is None or _pool._max_workers < count:
             if _pool is not None:
                 _pool.shutdown(wait=False)
-            _pool = ThreadPoolExecutor(workers, thread_name_prefix="mergekit-pcb")
-            _pool_workers = workers
+            _pool = ThreadPoolExecutor(count, thread_name_prefix="mergekit-pcb")
         return _pool
 
 
 def map_chunks(fn: Callable[[T], R], items: Sequence[T], device: torch.device) -> list[R]:
-    """``[fn(x) for x in items]``, on torch's thread count of pool threads (CPU only).
+    """``[fn(x) for x in items]``, on :func:`workers` threads (CPU only): the caller and
+    helpers from a pool, each taking the next item when done with its last, every op
+    single-threaded. A busy machine that deschedules one of them then delays the call
+    by at most that thread's current item, not by a share fixed in advance.
 
-    torch's intra-op threads are set to 1 meanwhile (and restored), so the pool's
-    threads are the only ones working; with one thread, too few items (see the
-    module), on a GPU, or when called from inside a pool thread, it is a plain loop.
+    With one worker, on a GPU, or when called from inside a worker, a plain loop.
     """
-    workers = torch.get_num_threads()
-    if (
-        min(workers, len(items) // CHUNKS_PER_THREAD) <= 1
-        or torch.device(device).type != "cpu"
-        or getattr(_busy, "inside", False)
-    ):
+    count = workers(len(items))
+    if count <= 1 or torch.device(device).type != "cpu" or getattr(_busy, "inside", False):
         return [fn(x) for x in items]
+    results: list = [None] * len(items)
+    queue = iter(enumerate(items))
+    lock = threading.Lock()
 
-    def run(x: T) -> R:
+    def work() -> None:
+        _busy.inside = True
+        try:
+            while True:
+                with lock:
+                    item = next(queue, None)
+                if item is None:
+                    return
+                results[item[0]] = fn(item[1])
+        finally:
+            _busy.inside = False
+
+    def helper() -> None:
         if not getattr(_busy, "single", False):
             # OpenMP's thread count is per calling thread: set it in each pool thread.
             torch.set_num_threads(1)
             _busy.single = True
-        _busy.inside = True
-        try:
-            return fn(x)
-        finally:
-            _busy.inside = False
+        work()
 
-    pool = _executor(workers)
+    helpers = [_helpers(count - 1).submit(helper) for _ in range(count - 1)]
+    outer = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return list(pool.map(run, items))
+        work()
     finally:
-        torch.set_num_threads(workers)
+        torch.set_num_threads(outer)
+        for done in helpers:
+            done.result()  # waits for every helper; re-raises a helper's error
+    return results

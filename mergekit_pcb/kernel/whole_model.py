@@ -18,6 +18,7 @@ from typing import NamedTuple
 import torch
 
 from mergekit_pcb.kernel.radix import StreamingSelector
+from mergekit_pcb.kernel.runtime import owns_threads
 from mergekit_pcb.kernel.torch_ops import ClipBounds, cut_index, quantile_indices, scores
 
 # One tensor's rows: the model of each row, and the n x d task vectors in that order.
@@ -56,6 +57,7 @@ def row_statistics(
     return RowStatistics(bounds, column("threshold"), column("top"))
 
 
+@owns_threads
 def statistics(
     tensors: Callable[[], Iterable[Rows]], pcb_ratio: float, clamp_ratio: float
 ) -> dict[Hashable, ModelStatistics]:
