@@ -216,14 +216,21 @@ def test_new_keys_keep_old_fingerprints(tmp_path, good):
         exclude={
             "cache": True,
             "tokenizer": True,
-            "optimizer": {"budget", "start", "sweep"},
-            "evaluation": {"tasks": {"__all__": {"kwargs", "test_kwargs"}}},
+            "optimizer": {"budget", "start", "sweep", "rescore"},
+            "evaluation": {
+                "tasks": {"__all__": {"kwargs", "test_kwargs", "rescore_data", "rescore_kwargs"}}
+            },
         },
     )
     expected = hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:16]
     assert cfg.fingerprint() == expected
     swept = {**good, "optimizer": {"sweep": [2, 2]}}
     assert load_config(_write(tmp_path, swept)).fingerprint() != expected
+    task = {**good["evaluation"]["tasks"][0], "limit": 1}
+    rescored = {**good, "optimizer": {"rescore": 2}, "evaluation": {"tasks": [task]}}
+    limited = {**good, "evaluation": {"tasks": [task]}}
+    fingerprint = load_config(_write(tmp_path, rescored)).fingerprint()
+    assert fingerprint != load_config(_write(tmp_path, limited)).fingerprint()
 
 
 def _available() -> list[str]:

@@ -139,6 +139,9 @@ class TaskSpec(_Strict):
     test_function: str | None = None
     kwargs: dict[str, Any] = Field(default_factory=dict)
     test_kwargs: dict[str, Any] | None = None
+    # The larger split that optimizer.rescore re-ranks the best candidates on.
+    rescore_data: str | None = None
+    rescore_kwargs: dict[str, Any] | None = None
     lm_eval_tasks: list[str] | None = None
     include_path: str | None = None
     metric: str | None = None
@@ -154,8 +157,17 @@ class TaskSpec(_Strict):
             raise ValueError(f"task '{self.name}' of type python needs 'function: module:name'")
         if t != "python" and (self.function or self.test_function):
             raise ValueError(f"task '{self.name}': 'function' is only for type python")
-        if t != "python" and (self.kwargs or self.test_kwargs is not None):
-            raise ValueError(f"task '{self.name}': 'kwargs'/'test_kwargs' are only for type python")
+        if t != "python" and (
+            self.kwargs or self.test_kwargs is not None or self.rescore_kwargs is not None
+        ):
+            raise ValueError(
+                f"task '{self.name}': 'kwargs'/'test_kwargs'/'rescore_kwargs' are only for type "
+                "python"
+            )
+        if t not in NEEDS_DATA and self.rescore_data:
+            raise ValueError(
+                f"task '{self.name}': 'rescore_data' is only for types {', '.join(NEEDS_DATA)}"
+            )
         if t == "lm_eval" and not self.lm_eval_tasks:
             raise ValueError(f"task '{self.name}' of type lm_eval needs 'lm_eval_tasks: [names]'")
         if t != "lm_eval" and (self.lm_eval_tasks or self.include_path or self.metric):
@@ -181,10 +193,23 @@ class TaskSpec(_Strict):
         return self.scale_floor if self.scale_floor is not None else DEFAULT_SCALE_FLOOR[self.type]
 
     def call_kwargs(self, split: str) -> dict[str, Any]:
-        """Keyword arguments of a python task's function on ``split`` ('search' or 'test')."""
+        """Keyword arguments of a python task's function on ``split`` ('search', 'rescore'
+        or 'test')."""
         if split == "test" and self.test_kwargs is not None:
             return dict(self.test_kwargs)
+        if split == "rescore" and self.rescore_kwargs is not None:
+            return dict(self.rescore_kwargs)
         return dict(self.kwargs)
+
+    @property
+    def rescore_split(self) -> str | None:
+        """What optimizer.rescore scores this task on, in words; None: nothing beyond the
+        search split (re-ranking on the same examples would change nothing)."""
+        if self.type == "python":
+            return "rescore_kwargs" if self.rescore_kwargs is not None else None
+        if self.rescore_data:
+            return "rescore_data"
+        return "data without limit" if self.limit else None
 
     @property
     def needs_tokenizer(self) -> bool:
@@ -221,7 +246,11 @@ class StartPoint(_Strict):
 
 
 class Optimizer(_Strict):
-    """``budget`` counts every scored candidate: the default, ``start``, the sweep, CMA-ES."""
+    """``budget`` counts every scored candidate: the default, ``start``, the sweep, CMA-ES.
+
+    ``rescore`` scores again, on the rescore split, what the search already scored (its
+    ``rescore`` best and the default, which sets the scale), on top of the budget.
+    """
 
     budget: int = Field(default=60, ge=1)
     popsize: int = Field(default=8, ge=2)
@@ -230,6 +259,10 @@ class Optimizer(_Strict):
     start: StartPoint | None = None
     # [lambda points, pcb_ratio points] of a coarse grid scored before CMA-ES starts.
     sweep: list[int] | None = None
+    # After the search, the best `rescore` candidates are scored again on each task's
+    # rescore split (more data) and the best there is the result: the best of many
+    # candidates on a small split is partly luck (winner's curse). 0: off.
+    rescore: int = Field(default=0, ge=0)
 
     @field_validator("sweep")
     @classmethod
@@ -312,6 +345,25 @@ class EvolveConfig(_Strict):
                         f"optimizer.sweep: {points} {name} points, but search.{name} is fixed "
                         f"at {low}; use 1"
                     )
+        if opt.rescore:
+            if opt.rescore > opt.budget:
+                raise ValueError(
+                    f"optimizer.rescore: {opt.rescore} is more than the budget's {opt.budget} "
+                    "candidates"
+                )
+            for task in self.evaluation.tasks:
+                if task.rescore_split is None:
+                    how = (
+                        "rescore_kwargs (the function's keyword arguments for more data)"
+                        if task.type == "python"
+                        else "limit (the rescore then reads the whole data file)"
+                        if task.type == "lm_eval"
+                        else "rescore_data (a JSONL file), or limit (the rescore then reads "
+                        "the whole data file)"
+                    )
+                    raise ValueError(
+                        f"optimizer.rescore: task '{task.name}' has no rescore split; give it {how}"
+                    )
         start = opt.start
         if start is not None:
             given = {"pcb_ratio": start.pcb_ratio, "lambda": start.lambda_}
@@ -345,10 +397,16 @@ class EvolveConfig(_Strict):
             (data, "tokenizer", None),
             (data["optimizer"], "start", None),
             (data["optimizer"], "sweep", None),
+            (data["optimizer"], "rescore", 0),
             *(
                 (t, k, u)
                 for t in data["evaluation"]["tasks"]
-                for k, u in (("kwargs", {}), ("test_kwargs", None))
+                for k, u in (
+                    ("kwargs", {}),
+                    ("test_kwargs", None),
+                    ("rescore_data", None),
+                    ("rescore_kwargs", None),
+                )
             ),
         ):
             if section.get(key, unset) == unset:
@@ -402,7 +460,7 @@ def load_config(path: os.PathLike, *, check_data: bool = True) -> EvolveConfig:
     tasks = []
     for task in cfg.evaluation.tasks:
         update = {}
-        for key in ("data", "test_data", "include_path"):
+        for key in ("data", "test_data", "rescore_data", "include_path"):
             value = getattr(task, key)
             if value is not None:
                 resolved = Path(_resolve(value, root))
@@ -522,7 +580,7 @@ def check_inputs(cfg: EvolveConfig, root: Path | None, *, device: bool = True) -
 def check_task(task: TaskSpec, root: Path) -> None:
     """Reads every data line once, so a malformed line fails now, with file and line."""
     if task.type in NEEDS_DATA:
-        for key in ("data", "test_data"):
+        for key in ("data", "test_data", "rescore_data"):
             if getattr(task, key):
                 try:
                     read_jsonl(getattr(task, key), task.type)
@@ -532,6 +590,8 @@ def check_task(task: TaskSpec, root: Path) -> None:
         _check_call(task, task.function, task.call_kwargs("search"), root)
         if task.test_function:
             _check_call(task, task.test_function, task.call_kwargs("test"), root)
+        if task.rescore_kwargs is not None:
+            _check_call(task, task.function, task.call_kwargs("rescore"), root)
     elif task.type == "lm_eval":
         try:
             import lm_eval  # noqa: F401

@@ -174,6 +174,15 @@ def format_summary(report: dict, tasks: list, out: Path) -> str:
             f"n/a: no test_data for {', '.join(report['tasks_without_test_data'])}; the test "
             "objective leaves them out"
         )
+    rescored = report.get("rescore")
+    if rescored:
+        rows = rescored["candidates"]
+        place = [row["index"] for row in rows].index(rescored["best_index"]) + 1
+        lines.append(
+            f"rescore split: default {_number(rescored['default_score'])}, best "
+            f"{_number(report['best_rescore_score'])} (candidate #{rescored['best_index']}, "
+            f"{place} of the {len(rows)} best on the search split)"
+        )
     names = ["best.yml", "report.json", "history.jsonl", "progress.png", "model"]
     found = [name + ("/" if name == "model" else "") for name in names if (out / name).exists()]
     lines.append(

@@ -295,10 +295,55 @@ def _best(history: History) -> dict:
     return max(history.entries, key=lambda e: e["objective"])
 
 
+def _rescore(cfg, history: History, default: dict, pool) -> tuple[dict, dict | None]:
+    """The result of the search: the best candidate, or with ``optimizer.rescore: k`` the
+    best on the rescore split of the search's k best (ties: the better on the search).
+
+    The search keeps the best of many noisy scores, so its winner's search score is
+    biased up (winner's curse); scoring a few finalists on more examples ranks them by
+    a score their selection did not use. The default is scored there too, for the scale.
+    """
+    from mergekit_pcb.evolve.layout import Values
+
+    k = cfg.optimizer.rescore
+    if not k:
+        return _best(history), None
+    ranked = sorted(history.entries, key=lambda e: e["objective"], reverse=True)[:k]
+    batch = [default] + [e for e in ranked if e is not default]
+    results = pool.evaluate([Values.from_json(e["values"]) for e in batch], "rescore")
+    scores = {e["index"]: result[0] for e, result in zip(batch, results, strict=True)}
+    objective = Objective.from_default(cfg.evaluation.tasks, scores[default["index"]])
+    rows = [
+        {
+            "index": e["index"],
+            "search_score": e["objective"],
+            "rescore_score": objective(scores[e["index"]]),
+            "scores": scores[e["index"]],
+        }
+        for e in ranked
+    ]
+    chosen = max(rows, key=lambda row: row["rescore_score"])  # first (best searched) on ties
+    LOG.info(
+        "rescored the %d best candidates: #%d is best there (%.6g; search score %.6g)",
+        len(rows),
+        chosen["index"],
+        chosen["rescore_score"],
+        chosen["search_score"],
+    )
+    info = {
+        "top": k,
+        "default_score": objective(scores[default["index"]]),
+        "default_scores": scores[default["index"]],
+        "candidates": rows,
+        "best_index": chosen["index"],
+    }
+    return next(e for e in history.entries if e["index"] == chosen["index"]), info
+
+
 def _finish(cfg, out, opts, history, layout, groups, cache, objective, default, pool) -> dict:
     from mergekit_pcb.evolve.layout import Values, check_reproduces, merge_config
 
-    best = _best(history)
+    best, rescored = _rescore(cfg, history, default, pool)
     best_values = Values.from_json(best["values"])
     default_values = Values.from_json(default["values"])
     tasks = cfg.evaluation.tasks
@@ -346,6 +391,13 @@ def _finish(cfg, out, opts, history, layout, groups, cache, objective, default, 
         "tasks_without_test_data": without_test,
         "test_score_covers": [t.name for t in with_test],
     }
+    if rescored is not None:
+        report["best_rescore_score"] = next(
+            row["rescore_score"]
+            for row in rescored["candidates"]
+            if row["index"] == rescored["best_index"]
+        )
+        report["rescore"] = rescored
     if without_test:
         report["warning"] = (
             f"task(s) {', '.join(without_test)} have no test_data: their search scores are "

@@ -194,16 +194,20 @@ def lm_eval_scorer(spec: TaskSpec, tokenizer, model, limit: int | None) -> Score
 
 
 def make_scorer(spec: TaskSpec, split: str, model, tokenizer, root: Path | None) -> Scorer:
-    """The scorer of ``spec`` on ``split`` ('search' or 'test')."""
+    """The scorer of ``spec`` on ``split``: 'search', 'test' or 'rescore' (``rescore_data``,
+    else the whole ``data`` file: ``limit`` applies to the search split only)."""
     if spec.type == "python":
-        fn = import_target(spec.function if split == "search" else spec.test_function, root)
+        fn = import_target(spec.test_function if split == "test" else spec.function, root)
         kwargs = spec.call_kwargs(split)
         return lambda m: float(fn(m, tokenizer, **kwargs))
     if spec.type == "lm_eval":
-        return lm_eval_scorer(spec, tokenizer, model, spec.limit)
-    path = spec.data if split == "search" else spec.test_data
+        return lm_eval_scorer(spec, tokenizer, model, None if split == "rescore" else spec.limit)
+    if split == "rescore":
+        path = spec.rescore_data or spec.data
+    else:
+        path = spec.data if split == "search" else spec.test_data
     rows = read_jsonl(path, spec.type)
-    if spec.limit:
+    if spec.limit and split != "rescore":
         rows = rows[: spec.limit]
     if spec.type == "loss":
         return loss_scorer(rows, tokenizer, spec.batch_size)
