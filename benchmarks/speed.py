@@ -15,6 +15,7 @@ also reports its ``torch.cuda.max_memory_allocated`` at exit.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import statistics
@@ -22,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
@@ -99,6 +101,19 @@ def run_once(config: Path, out: Path, extra: list[str]) -> Sample:
     return Sample(wall, usage.ru_maxrss * 1024, gpu_peak)
 
 
+@contextlib.contextmanager
+def busy_loops(count: int) -> Iterator[None]:
+    """``count`` processes that only burn CPU while the merges run: how a merge fares on
+    a shared machine, where threads that wait on each other stall."""
+    loops = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(count)]
+    try:
+        yield
+    finally:
+        for loop in loops:
+            loop.kill()
+            loop.wait()
+
+
 def table(results: dict[str, list[Sample]]) -> str:
     gpu = all(s.gpu_peak_bytes is not None for v in results.values() for s in v)
     med = {
@@ -148,6 +163,13 @@ def table(results: dict[str, list[Sample]]) -> str:
     "threaded op 10x and so penalises methods by their op count.",
 )
 @click.option(
+    "--load",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Run this many CPU-bound busy loops beside the merges (a shared machine).",
+)
+@click.option(
     "--method",
     "-m",
     "methods",
@@ -161,6 +183,7 @@ def main(
     repeats: int,
     cuda: bool,
     threads: int | None,
+    load: int,
     methods: tuple[str, ...],
     cache_dir: Path | None,
 ) -> None:
@@ -181,7 +204,7 @@ def main(
     methods = methods or tuple(METHODS)
     extra = (["--cuda"] if cuda else []) + (["-j", str(threads)] if threads else [])
     results: dict[str, list[Sample]] = {m: [] for m in methods}
-    with tempfile.TemporaryDirectory(prefix="pcb-bench-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="pcb-bench-") as tmp, busy_loops(load):
         tmp = Path(tmp)
         configs = {
             m: write_config(tmp / f"{i}.yml", m, base, experts) for i, m in enumerate(methods)
@@ -200,10 +223,11 @@ def main(
                     f"{sample.peak_rss_bytes / 2**30:.2f} GiB{gpu}",
                     err=True,
                 )
+    command = " ".join(["mergekit-yaml --no-copy-tokenizer", *extra])
+    beside = f", {load} busy loop(s) beside" if load else ""
     click.echo(
         f"\n{parameter_count(spec) / 1e6:.0f}M-parameter Llama, bf16, base + "
-        f"{spec.n_experts} experts, median of {repeats}, "
-        f"mergekit-yaml --no-copy-tokenizer {' '.join(extra)}\n"
+        f"{spec.n_experts} experts, median of {repeats}, {command}{beside}\n"
     )
     click.echo(table(results))
 
