@@ -23,11 +23,23 @@ ROW = re.compile(
 )
 
 
+def _cmdline(process: Path) -> str:
+    try:
+        return (process / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:  # the process ended meanwhile
+        return ""
+
+
 def test_quick_speed_table(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     args = [sys.executable, str(SCRIPT), "--quick", "-r", "1", "--cache-dir", str(tmp_path)]
-    proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [*args, "--load", "1"], env=env, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "1 busy loop(s) beside" in proc.stdout
+    # The busy loops end with the benchmark: none is left burning a core.
+    assert not [c for c in map(_cmdline, Path("/proc").glob("[0-9]*")) if "while True: pass" in c]
 
     rows = {m["method"]: m for m in map(ROW.match, proc.stdout.splitlines()) if m}
     assert set(rows) == {"pcb", "pcb (model scope)", "ties", "task_arithmetic"}, proc.stdout
