@@ -160,12 +160,7 @@ def cut_values(score: torch.Tensor, ranks: Sequence[int]) -> torch.Tensor:
         columns = column_chunks(n, d, device=score.device)
         pick = selection.RowSelection(n, d, score.dtype, extreme)
         map_chunks(lambda cols: pick.feed(cols, score[:, cols]), columns, score.device)
-        values = pick.finish(
-            columns,
-            lambda cols: score[:, cols],
-            lambda i, c: score[i].index_select(0, c),
-            score.device,
-        )
+        values = pick.finish_stored(score, columns)
         found.update({k: values[:, j].cpu() for j, k in enumerate(extreme)})
     if others:
         values = _order_statistics(score, others)

@@ -125,6 +125,17 @@ class RowSelection:
             self._minima[columns.start] = minima if "low" in self._kinds else None
             self._maxima[columns.start] = maxima if "high" in self._kinds else None
 
+    def finish_stored(
+        self, x: torch.Tensor, columns: Sequence[slice] | None = None
+    ) -> torch.Tensor:
+        """:meth:`finish` when the chunks fed were ``columns`` (default: the device's
+        chunks) of a stored n x d matrix ``x`` (e.g. the scores B), read again from it."""
+        if columns is None:
+            columns = column_chunks(self.n, self.d, device=x.device)
+        return self.finish(
+            columns, lambda cols: x[:, cols], lambda i, c: x[i].index_select(0, c), x.device
+        )
+
     def finish(
         self,
         columns: Sequence[slice],
@@ -341,6 +352,10 @@ def order_statistics(x: torch.Tensor, ranks: Sequence[int]) -> torch.Tensor:
     columns = column_chunks(n, d, 1 << 20)
     selection = RowSelection(n, d, x.dtype, ranks)
     runtime.map_chunks(lambda cols: selection.feed(cols, x[:, cols]), columns, x.device)
-    return selection.finish(
-        columns, lambda cols: x[:, cols], lambda i, c: x[i].index_select(0, c), x.device
-    ).to(x.device)
+    return selection.finish_stored(x, columns).to(x.device)
+
+
+def row_maxima(per_chunk: dict[int, torch.Tensor]) -> torch.Tensor:
+    """Each row's maximum from the chunks' row maxima, keyed by the chunk's first column:
+    combined in column order whichever thread finished first."""
+    return torch.stack([per_chunk[k] for k in sorted(per_chunk)], dim=1).amax(dim=1)

@@ -106,11 +106,8 @@ def merge(
             cut.feed(cols, score[:, cols])
 
     runtime.map_chunks(scores, columns, "cpu")
-    threshold = cut.finish(
-        columns, lambda cols: score[:, cols], lambda i, c: score[i].index_select(0, c), "cpu"
-    )[:, 0].contiguous()
-    top = torch.stack([tops[k] for k in sorted(tops)], dim=1).amax(dim=1)
-    span = safe_span(threshold, top)
+    threshold = cut.finish_stored(score)[:, 0].contiguous()
+    span = safe_span(threshold, selection.row_maxima(tops))
     coefficients = coefficients.to(dtype=torch.float32).contiguous()
     merged = torch.empty(d, dtype=inputs.base.dtype)
     output = (inputs.base, scale, merged)

@@ -367,14 +367,8 @@ def pcb_task_vector(
         tops[cols.start] = top
 
     clipped, score = scores(tau, bounds, clamp_ratio=clamp_ratio, out=score, observe=observe)
-    threshold = cut.finish(
-        column_chunks(n, d, device=tau.device),
-        lambda cols: score[:, cols],
-        lambda i, c: score[i].index_select(0, c),
-        tau.device,
-    )[:, 0]
-    top = torch.stack([tops[k] for k in sorted(tops)], dim=1).amax(dim=1)
-    t, m = _column(threshold, score), _column(top, score)
+    threshold = cut.finish_stored(score)[:, 0]
+    t, m = _column(threshold, score), _column(selection.row_maxima(tops), score)
     span = safe_span(t, m)
     coefficients = coefficients.to(device=tau.device, dtype=tau.dtype)
     merged = torch.empty(d, dtype=tau.dtype, device=tau.device)
