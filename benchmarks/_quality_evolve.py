@@ -5,10 +5,11 @@ expert in :data:`WEIGHTS`), the same validation examples and the same criterion 
 grid rows: the mean over tasks of validation exact match / the expert's own validation
 exact match. The search scores it as one ``python`` task (its objective is that number
 divided by the default's, so it ranks candidates exactly as the grid does). Each run
-gets 4x the grid's budget once; the best of its first ``n`` candidates is what a budget
-of ``n`` would have returned (the search's candidates do not depend on its budget: the
-warm-up sweep is sized for the 1x budget, and CMA-ES is never told about a partial
-generation), so one run gives every point of the budget curve.
+gets 4x the grid's budget once; what :func:`pick` returns from its first ``n``
+candidates is what a budget of ``n`` would have returned (the search's candidates do
+not depend on its budget: the warm-up sweep is sized for the 1x budget, and CMA-ES is
+never told about a partial generation), so one run gives every point of the budget
+curve; at the full budget it is checked against the search's own result.
 """
 
 from __future__ import annotations
@@ -38,14 +39,17 @@ import sys
 sys.path.insert(0, {bench!r})
 import toy
 
-_VAL = {{}}
+_VAL = {{}}  # (task, n_val, val_seed) -> examples: the search and the rescore split
 
 
 def normalized(model, tokenizer, tasks, n_val, val_seed, own):
     """Mean over tasks of validation exact match / the expert's own (as the grid rows)."""
-    if not _VAL:
-        _VAL.update({{t: toy.make_examples(t, n_val, val_seed) for t in tasks}})
-    return sum(toy.exact_match(model, tokenizer, _VAL[t]) / own[t] for t in tasks) / len(tasks)
+    for t in tasks:
+        if (t, n_val, val_seed) not in _VAL:
+            _VAL[t, n_val, val_seed] = toy.make_examples(t, n_val, val_seed)
+    return sum(
+        toy.exact_match(model, tokenizer, _VAL[t, n_val, val_seed]) / own[t] for t in tasks
+    ) / len(tasks)
 '''
 
 
@@ -75,8 +79,13 @@ def evolve(
     densities: tuple[float, ...],
     seed: int,
     sweep: tuple[int, int],
-) -> list[dict]:
-    """Run ``mergekit-pcb evolve``; return its history (one entry per scored candidate)."""
+    rescore_top: int = 0,
+    n_rescore: int = 0,
+    own_rescore: dict[str, float] | None = None,
+) -> tuple[list[dict], int]:
+    """Run ``mergekit-pcb evolve``; return its history (one entry per scored candidate)
+    and the index of its result (with ``optimizer.rescore``: the best finalist on the
+    ``n_rescore`` examples a task, normalised by ``own_rescore``)."""
     workdir.mkdir(parents=True, exist_ok=True)
     bench = str(Path(__file__).resolve().parent)
     (workdir / f"{SCORER_MODULE}.py").write_text(_SCORER.format(bench=bench))
@@ -100,12 +109,30 @@ def evolve(
                         "val_seed": val_seed,
                         "own": {t: float(own_val[t]) for t in tasks},
                     },
+                    **(
+                        {
+                            "rescore_kwargs": {
+                                "tasks": list(tasks),
+                                "n_val": n_rescore,
+                                "val_seed": val_seed,
+                                "own": {t: float(own_rescore[t]) for t in tasks},
+                            }
+                        }
+                        if rescore_top
+                        else {}
+                    ),
                 }
             ]
         },
         # A coarse lambda x pcb_ratio sweep first (weights at 1): CMA-ES starts at its best
         # point instead of PCB's defaults, which lie far from these regimes' optima.
-        "optimizer": {"budget": budget, "popsize": 6, "seed": seed, "sweep": list(sweep)},
+        "optimizer": {
+            "budget": budget,
+            "popsize": 6,
+            "seed": seed,
+            "sweep": list(sweep),
+            "rescore": rescore_top,
+        },
         "dtype": "float32",
     }
     search_yml = workdir / "search.yml"
@@ -127,7 +154,9 @@ def evolve(
     history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
     if len(history) != budget:
         raise RuntimeError(f"mergekit-pcb evolve scored {len(history)} candidates, not {budget}")
-    return [{"values": e["values"], "val_normalized": e["scores"]["val"]} for e in history]
+    report = json.loads((out / "report.json").read_text())
+    candidates = [{"values": e["values"], "val_normalized": e["scores"]["val"]} for e in history]
+    return candidates, report["best_index"]
 
 
 def random_points(
@@ -149,12 +178,12 @@ def random_points(
     ]
 
 
-def best_prefixes(candidates: list[dict], checkpoints: list[int]) -> dict[int, int]:
-    """For each budget n, the index of the best-on-validation among the first n (first wins)."""
-    out, best = {}, None
-    for i, cand in enumerate(candidates):
-        if best is None or cand["val_normalized"] > candidates[best]["val_normalized"]:
-            best = i
-        if i + 1 in checkpoints:
-            out[i + 1] = best
-    return out
+def pick(candidates: list[dict], n: int, top: int, rescore_of) -> int:
+    """The index a tuner returns after its first n candidates: the best on validation
+    (the first on ties), or with ``top`` > 0 the best by ``rescore_of(index)`` of the
+    ``top`` best on validation (ties: the better on validation), as
+    ``mergekit-pcb evolve``'s ``optimizer.rescore`` does."""
+    order = sorted(range(n), key=lambda i: -candidates[i]["val_normalized"])  # stable
+    if not top:
+        return order[0]
+    return max(order[:top], key=rescore_of)  # max keeps the first of equal scores

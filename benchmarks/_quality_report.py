@@ -92,10 +92,22 @@ def summarize(result: dict) -> dict:
             # Share of the experts' gain over the base that the merge keeps.
             "gain_kept": (norm_mean - base_mean) / (1.0 - base_mean) if base_mean < 1 else None,
             "sweep_seed0": [
-                {**row["params"], "val_normalized": round(row["val_normalized"], 4)}
+                {
+                    **row["params"],
+                    "val_normalized": round(row["val_normalized"], 4),
+                    **(
+                        {"rescore_normalized": round(row["rescore_normalized"], 4)}
+                        if "rescore_normalized" in row
+                        else {}
+                    ),
+                }
                 for row in rows[0]["sweep"]
             ],
         }
+    # mergekit-pcb evolve's own result is the one this benchmark's selection rule picks.
+    agrees = [s["evolve_pick_agrees"] for s in seeds if "evolve_pick_agrees" in s]
+    if agrees:
+        summary["evolve_pick_agrees"] = agrees
     summary["curves"] = _curves(seeds)
     summary["search_vs_grid"] = _search_vs_grid(seeds)
     summary["verdicts"] = verdicts(summary)
@@ -312,12 +324,19 @@ def search_lines(summary: dict) -> str:
     lines = [
         "## The search against the grid",
         "",
-        "Test normalised accuracy (%) of the best-on-validation candidate after n scored "
+        "Test normalised accuracy (%) of the tuner's pick after n scored "
         "candidates, mean ± std over seeds. `pcb + evolve` is `mergekit-pcb evolve` (default, "
         "3 x 3 lambda x pcb_ratio sweep, then CMA-ES, popsize 6); the random search draws "
         "uniformly from the same box (pcb_ratio and lambda over the grid's ranges, one weight "
         "per expert in [0.7, 1.3]); the grid is PCB's lambda x pcb_ratio grid (weights 1). All "
-        "three rank candidates by the same validation criterion.",
+        "three rank candidates by the same validation criterion"
+        + (
+            f"; each re-ranks its {summary['regime']['rescore_top']} best on "
+            f"{summary['regime']['n_rescore']} validation examples a task and returns the best "
+            "there (`optimizer.rescore` in `mergekit-pcb evolve`; the grid rows the same)."
+            if summary["regime"].get("rescore_top")
+            else "."
+        ),
         "",
     ]
     marks = sorted({p["candidates"] for pts in curves.values() for p in pts})
@@ -385,7 +404,13 @@ def markdown(summary: dict) -> str:
         f"Normalised accuracy = merged accuracy / the expert's own accuracy, per task, averaged "
         f"over {len(tasks)} tasks; mean ± std over {len(r['seeds'])} seed(s) of experts. "
         f"{r['n_test']} test examples per task; values chosen on {r['n_val']} validation "
-        "examples per task.",
+        "examples per task"
+        + (
+            f", every tuner's {r['rescore_top']} best there re-ranked on {r['n_rescore']} "
+            f"(those {r['n_val']} and {r['n_rescore'] - r['n_val']} more)."
+            if r.get("rescore_top")
+            else "."
+        ),
         "",
         summary_table(summary),
         "",

@@ -25,6 +25,7 @@ from _quality_setup import (
     Regime,
     bench,
     recorded_seconds,
+    rescore_split,
 )
 
 from mergekit_pcb.tiny import save_model
@@ -78,8 +79,11 @@ def _checkpoints(grid: int, factor: int) -> list[int]:
     return sorted({max(1, grid // 2), *(grid * k for k in range(1, factor + 1))})
 
 
-def _search_curves(regime, seed, active, on_disk, tasks, base_state, experts, val_score, cache_dir):
-    """Per search kind, its candidates (values + validation score) at the largest budget."""
+def _search_curves(
+    regime, seed, active, on_disk, tasks, base_state, experts, val_score, rescore_score, cache_dir
+):
+    """Per search kind, its candidates (values + validation score) at the largest budget,
+    and for evolve the index of its own result (``evolve_pick``)."""
     grid = len(configurations(METHODS_BY_LABEL["pcb"], regime.scales, regime.densities))
     out = {}
     for kind in SEARCHES:
@@ -89,7 +93,7 @@ def _search_curves(regime, seed, active, on_disk, tasks, base_state, experts, va
         budget = grid * max(factors)
         if kind == "evolve":
             slug = f"evolve-seed{seed}-{regime.name}"
-            candidates = _quality_evolve.evolve(
+            candidates, evolve_pick = _quality_evolve.evolve(
                 cache_dir / slug,
                 on_disk,
                 tasks,
@@ -101,6 +105,9 @@ def _search_curves(regime, seed, active, on_disk, tasks, base_state, experts, va
                 densities=regime.densities,
                 seed=seed,
                 sweep=_sweep(grid),  # sized for 1x: the 4x run's first candidates are 1x's
+                rescore_top=regime.rescore_top,
+                n_rescore=regime.n_rescore,
+                own_rescore=rescore_score.own if rescore_score else None,
             )
         else:
             pcb = METHODS_BY_LABEL["pcb"]
@@ -111,7 +118,8 @@ def _search_curves(regime, seed, active, on_disk, tasks, base_state, experts, va
             for values in points:
                 state = merge(pcb, base_state, experts, _quality_evolve.params_of(values, tasks))
                 candidates.append({"values": values, "val_normalized": val_score(state)[0]})
-        out[kind] = {"grid": grid, "candidates": candidates}
+            evolve_pick = None
+        out[kind] = {"grid": grid, "candidates": candidates, "evolve_pick": evolve_pick}
     return out
 
 
@@ -150,7 +158,19 @@ def _settings_key(regime: Regime, methods) -> str:
 
 
 def _run_seed(
-    regime, seed, family, model, tokenizer, base_state, base_test, val, test, evaluate, active, log
+    regime,
+    seed,
+    family,
+    model,
+    tokenizer,
+    base_state,
+    base_test,
+    val,
+    test,
+    rescore,
+    evaluate,
+    active,
+    log,
 ) -> dict:
     experts = family.experts[seed]
     tasks = list(experts)
@@ -167,6 +187,13 @@ def _run_seed(
     own_test = {task: cross[task][task] for task in experts}
     own_val = {task: _mean(evaluate(experts[task], val, regime.n_val))[task] for task in experts}
     val_score = _ValScore(evaluate, val, regime.n_val, own_val)
+    rescore_score = None
+    if regime.rescore_top:
+        own_rescore = {
+            task: _mean(evaluate(experts[task], rescore, regime.n_rescore))[task]
+            for task in experts
+        }
+        rescore_score = _ValScore(evaluate, rescore, regime.n_rescore, own_rescore)
     result = {
         "seed": seed,
         "own_test": own_test,
@@ -177,10 +204,35 @@ def _run_seed(
         "curves": {},
     }
     searches = _search_curves(
-        regime, seed, active, on_disk, tasks, base_state, experts, val_score, family.cache_dir
+        regime,
+        seed,
+        active,
+        on_disk,
+        tasks,
+        base_state,
+        experts,
+        val_score,
+        rescore_score,
+        family.cache_dir,
     )
     pcb = METHODS_BY_LABEL["pcb"]
     tested: dict[tuple[str, int], dict] = {}  # (kind, candidate index) -> test hits
+    rescored: dict[tuple[str, int], float] = {}  # (kind, candidate index) -> rescore score
+
+    def search_rescore(kind, index):
+        if (kind, index) not in rescored:
+            values = searches[kind]["candidates"][index]["values"]
+            state = merge(pcb, base_state, experts, _quality_evolve.params_of(values, tasks))
+            rescored[kind, index] = rescore_score(state)[0]
+        return rescored[kind, index]
+
+    def search_pick(kind, n):
+        return _quality_evolve.pick(
+            searches[kind]["candidates"],
+            n,
+            regime.rescore_top,
+            lambda i: search_rescore(kind, i),
+        )
 
     def search_test(kind, index):
         if (kind, index) not in tested:
@@ -194,7 +246,7 @@ def _run_seed(
         if method.via in SEARCHES:
             run = searches[method.via]
             n = run["grid"] * method.budget_factor
-            index = _quality_evolve.best_prefixes(run["candidates"], [n])[n]
+            index = search_pick(method.via, n)
             cand = run["candidates"][index]
             values = cand["values"]
             best = {
@@ -206,6 +258,8 @@ def _run_seed(
                 },
                 "val_normalized": cand["val_normalized"],
             }
+            if regime.rescore_top:
+                best["rescore_normalized"] = search_rescore(method.via, index)
             sweep = [best]
             hits = search_test(method.via, index)
         else:
@@ -214,7 +268,15 @@ def _run_seed(
                 state = merge(method, base_state, experts, params, on_disk)
                 norm, acc = val_score(state)
                 sweep.append({"params": params, "val_normalized": norm, "val_per_task": acc})
-            best = max(sweep, key=lambda row: row["val_normalized"])
+            best = sweep[_quality_evolve.pick(sweep, len(sweep), 0, None)]
+            if regime.rescore_top:  # the same re-ranking of the finalists as the searches
+                order = sorted(range(len(sweep)), key=lambda i: -sweep[i]["val_normalized"])
+                for i in order[: regime.rescore_top]:
+                    state = merge(method, base_state, experts, sweep[i]["params"], on_disk)
+                    sweep[i]["rescore_normalized"] = rescore_score(state)[0]
+                scores = {i: sweep[i]["rescore_normalized"] for i in order[: regime.rescore_top]}
+                top = regime.rescore_top
+                best = sweep[_quality_evolve.pick(sweep, len(sweep), top, scores.get)]
             chosen = merge(method, base_state, experts, best["params"], on_disk)
             hits = evaluate(chosen, test, regime.n_test)
         acc = _mean(hits)
@@ -234,7 +296,10 @@ def _run_seed(
     if "evolve" in searches:  # the search's own merge and mergekit's agree on its best
         run = searches["evolve"]
         last = len(run["candidates"])
-        index = _quality_evolve.best_prefixes(run["candidates"], [last])[last]
+        index = search_pick("evolve", last)
+        result["evolve_pick_agrees"] = index == run["evolve_pick"]
+        if not result["evolve_pick_agrees"]:
+            log(f"seed {seed}: warning: evolve picked #{run['evolve_pick']}, this run #{index}")
         params = _quality_evolve.params_of(run["candidates"][index]["values"], tasks)
         again = val_score(merge(pcb, base_state, experts, params))[0]
         result["evolve_val_recheck"] = again - run["candidates"][index]["val_normalized"]
@@ -244,7 +309,7 @@ def _run_seed(
     for kind, run in searches.items():
         factor = max(m.budget_factor for m in active if m.via == kind)
         marks = _checkpoints(run["grid"], factor)
-        best_at = _quality_evolve.best_prefixes(run["candidates"], marks)
+        best_at = {n: search_pick(kind, n) for n in marks}
         result["curves"][SEARCHES[kind]] = [
             {
                 "candidates": n,
@@ -279,6 +344,7 @@ def run(
     """Every seed of ``regime``; with ``reuse_seeds``, seeds already in OUT/per_seed are kept."""
     start = time.perf_counter()
     family, model, val, test = bench(regime, log=log)
+    rescore = rescore_split(regime)
     tokenizer = family.tokenizer
     base_state = family.base.state_dict()
 
@@ -312,6 +378,7 @@ def run(
             base_test,
             val,
             test,
+            rescore,
             evaluate,
             active,
             log,
