@@ -322,6 +322,26 @@ def test_sampled_content_keys_fall_back_to_full_keys():
         assert torch.equal(out, merge(base, [a, b], pcb_ratio=1.0, clamp_ratio=0.0))
 
 
+@settings(max_examples=30, deadline=None)
+@given(
+    st.integers(1, 20_000),
+    st.integers(1, 5),
+    st.sampled_from([torch.float32, torch.bfloat16, torch.float16, torch.float64]),
+    st.integers(0, 2**16),
+)
+def test_sampled_content_keys_are_float64_sums_and_norms(d, n, dtype, seed):
+    """The keys (all read in one transfer) against each tensor's own float64 sum and
+    norm of every step-th entry, the sample the keys are defined on."""
+    g = torch.Generator().manual_seed(seed)
+    tensors = [torch.randn(d, generator=g).to(dtype) for _ in range(n)]
+    step = max(1, d // experts._KEY_SAMPLE)
+    expected = [
+        (float(t[::step].double().sum()), float(t[::step].double().norm())) for t in tensors
+    ]
+    assert experts.content_keys(tensors) == expected
+    assert experts.content_keys([]) == []
+
+
 def test_task_vectors_round_wider_inputs_first_and_flag_content():
     base = torch.tensor([1.0, 2.0, 3.0])
     wide = torch.tensor([1.0 + 1e-12, 2.5, 3.0], dtype=torch.float64)

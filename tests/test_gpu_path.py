@@ -179,3 +179,29 @@ def test_cuda_merge_syncs_with_the_host_once():
         torch.cuda.set_sync_debug_mode("default")
     syncs = [w for w in caught if "synchroniz" in str(w.message)]
     assert len(syncs) <= 1, [str(w.message) for w in syncs]
+
+
+def _syncs(fn) -> list[str]:
+    """The host syncs ``fn`` makes on CUDA, as torch's sync debug mode reports them."""
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fn()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+
+
+@pytest.mark.gpu
+@cuda
+def test_cuda_content_keys_sync_once_and_equal_the_cpu_keys():
+    """The method orders experts by content keys before the merge: every key comes
+    back in one transfer (it was two per expert)."""
+    _, experts = _family((2048, 1024), 3, torch.bfloat16, seed=5)
+    on_gpu = [e.cuda() for e in experts]
+    # float64 sums in another reduction order: equal to ~1e-15, not bit for bit.
+    got, want = kernel.content_keys(on_gpu), kernel.content_keys(experts)
+    assert [v for k in got for v in k] == pytest.approx([v for k in want for v in k], rel=1e-12)
+    assert len(_syncs(lambda: kernel.content_keys(on_gpu))) <= 1
