@@ -513,9 +513,10 @@ def plot_search(summary: dict, path: Path) -> None:
         ax.errorbar(xs, ys, yerr=errs, fmt=marker, color=color, capsize=3, label=label)
     ax.set_xlabel("scored candidates (validation)")
     ax.set_ylabel("test normalised exact match (%)")
+    top = summary["regime"].get("rescore_top")
+    picked = f"pick ({top} best re-ranked)" if top else "best-on-validation"
     ax.set_title(
-        f"{summary['regime']['name']}: best-on-validation vs budget "
-        f"(mean ± s.e. over {n_seeds} seed(s))"
+        f"{summary['regime']['name']}: {picked} vs budget (mean ± s.e. over {n_seeds} seed(s))"
     )
     ax.legend()
     ax.grid(alpha=0.3)
