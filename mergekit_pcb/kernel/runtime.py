@@ -151,17 +151,19 @@ def workers(chunks: int) -> int:
 
 _pool_lock = threading.Lock()
 _pool: ThreadPoolExecutor | None = None
+_pool_size = 0
 _busy = threading.local()
 
 
 def _helpers(count: int) -> ThreadPoolExecutor:
     """The process's pool, grown (never shrunk) to at least ``count`` threads."""
-    global _pool
+    global _pool, _pool_size
     with _pool_lock:
-        if _pool is None or _pool._max_workers < count:
+        if _pool is None or _pool_size < count:
             if _pool is not None:
-                _pool.shutdown(wait=False)
+                _pool.shutdown(wait=False)  # its running and queued work still finishes
             _pool = ThreadPoolExecutor(count, thread_name_prefix="mergekit-pcb")
+            _pool_size = count
         return _pool
 
 
