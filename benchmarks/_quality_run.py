@@ -10,8 +10,10 @@ import platform
 import shlex
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import _quality_evolve
 import click
@@ -157,27 +159,33 @@ def _settings_key(regime: Regime, methods) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _run_seed(
-    regime,
-    seed,
-    family,
-    model,
-    tokenizer,
-    base_state,
-    base_test,
-    val,
-    test,
-    rescore,
-    evaluate,
-    active,
-    log,
-) -> dict:
+class _Shared(NamedTuple):
+    """What every seed of a regime uses: the trained family, its splits and scorer."""
+
+    family: Any
+    model: Any
+    base_state: dict
+    base_test: dict
+    val: Any
+    test: Any
+    rescore: Any
+    evaluate: Callable
+    active: list
+
+
+def _run_seed(regime, seed, shared: _Shared, log) -> dict:
+    family, base_state, evaluate = shared.family, shared.base_state, shared.evaluate
+    val, test, rescore, active = shared.val, shared.test, shared.rescore, shared.active
     experts = family.experts[seed]
     tasks = list(experts)
     needs_disk = any(m.via not in ("api", "random") for m in active)
     on_disk = (
         _save_checkpoints(
-            model, tokenizer, base_state, experts, family.cache_dir / f"disk-seed{seed}"
+            shared.model,
+            family.tokenizer,
+            base_state,
+            experts,
+            family.cache_dir / f"disk-seed{seed}",
         )
         if needs_disk
         else None
@@ -199,7 +207,7 @@ def _run_seed(
         "own_test": own_test,
         "own_val": own_val,
         "cross": cross,
-        "base_normalized": _normalized(_mean(base_test), own_test),
+        "base_normalized": _normalized(_mean(shared.base_test), own_test),
         "methods": {},
         "curves": {},
     }
@@ -355,6 +363,7 @@ def run(
     active = [m for m in methods if m.available()]
     skipped = [m.label for m in methods if not m.available()]
     key = _settings_key(regime, active)
+    shared = _Shared(family, model, base_state, base_test, val, test, rescore, evaluate, active)
     seeds_dir = out_dir / "per_seed"
     seeds_dir.mkdir(parents=True, exist_ok=True)
     per_seed, reused = [], []
@@ -368,21 +377,7 @@ def run(
                 reused.append(seed)
                 continue
         seed_start = time.perf_counter()
-        result = _run_seed(
-            regime,
-            seed,
-            family,
-            model,
-            tokenizer,
-            base_state,
-            base_test,
-            val,
-            test,
-            rescore,
-            evaluate,
-            active,
-            log,
-        )
+        result = _run_seed(regime, seed, shared, log)
         result["seconds"] = time.perf_counter() - seed_start
         torch.save({"key": key, "result": result}, saved)
         per_seed.append(result)
