@@ -53,8 +53,11 @@ class Method:
     # by ``mergekit-pcb evolve`` instead of the grid; "random": tuned by a random search
     # of the same space (both in _quality_evolve.py).
     via: str = "api"
-    # For via="evolve"/"random": the search's budget in units of PCB's grid size.
+    # For via="random": the search's budget in units of PCB's grid size (candidates).
     budget_factor: int = 1
+    # For via="evolve": the run (budget as a multiple of the grid's examples scored,
+    # optimizer, fidelity, label-free).
+    search: _quality_evolve.EvolveSpec = field(default_factory=_quality_evolve.EvolveSpec)
 
 
 METHODS: tuple[Method, ...] = (
@@ -71,13 +74,26 @@ METHODS: tuple[Method, ...] = (
         available=_has_parameter("pcb", "pcb_scope"),
         via="run_merge",
     ),
-    Method("pcb + evolve", "pcb", via="evolve", available=_quality_evolve.available),
+    *(
+        Method(label, "pcb", via="evolve", available=_quality_evolve.available, search=spec)
+        for label, spec in (
+            ("pcb + evolve", _quality_evolve.EvolveSpec()),
+            ("pcb + evolve (1/3 budget)", _quality_evolve.EvolveSpec(factor=1 / 3)),
+            ("pcb + evolve (4x)", _quality_evolve.EvolveSpec(factor=4)),
+            # The optimizers at the grid's examples, each with the same schedule; and the
+            # default without the schedule (every candidate on the whole split).
+            ("pcb + evolve (cmaes)", _quality_evolve.EvolveSpec(method="cmaes")),
+            ("pcb + evolve (tpe)", _quality_evolve.EvolveSpec(method="tpe")),
+            ("pcb + evolve (random)", _quality_evolve.EvolveSpec(method="random")),
+            ("pcb + evolve (one fidelity)", _quality_evolve.EvolveSpec(rungs=1)),
+        )
+    ),
     Method(
-        "pcb + evolve (4x)",
+        "pcb + evolve (label-free)",
         "pcb",
         via="evolve",
-        available=_quality_evolve.available,
-        budget_factor=4,
+        available=_quality_evolve.agreement_available,
+        search=_quality_evolve.EvolveSpec(label_free=True),
     ),
     Method("pcb + random search", "pcb", via="random"),
     Method("pcb + random search (4x)", "pcb", via="random", budget_factor=4),

@@ -89,6 +89,9 @@ def summarize(result: dict) -> dict:
             "per_task": {t: statistics.fmean(r["test_per_task"][t] for r in rows) for t in tasks},
             "chosen": [{"seed": s["seed"], **s["methods"][label]["chosen"]} for s in seeds],
             "val_normalized": [r["val_normalized"] for r in rows],
+            # Validation examples the tuner scored (grid: every point, then its re-ranked
+            # best; search: everything it scored), per seed.
+            "examples_scored": [r.get("examples_scored") for r in rows],
             # Share of the experts' gain over the base that the merge keeps.
             "gain_kept": (norm_mean - base_mean) / (1.0 - base_mean) if base_mean < 1 else None,
             "sweep_seed0": [
@@ -115,17 +118,20 @@ def summarize(result: dict) -> dict:
 
 
 def _curves(seeds: list[dict]) -> dict:
-    """Per search (and the grid): test score of the best-on-validation after n candidates."""
+    """Per search (and the grid): test score of its pick against validation examples
+    scored (and candidates)."""
     out = {}
     for label in seeds[0].get("curves", {}):
         points = []
         for i, point in enumerate(seeds[0]["curves"][label]):
             tests = [100 * s["curves"][label][i]["test_normalized"] for s in seeds]
             vals = [100 * s["curves"][label][i]["val_normalized"] for s in seeds]
+            examples = [s["curves"][label][i].get("examples") for s in seeds]
             mean, std = _mean_std(tests)
             points.append(
                 {
                     "candidates": point["candidates"],
+                    "examples": None if None in examples else statistics.fmean(examples),
                     "test_mean": mean,
                     "test_std": std,
                     "val_mean": statistics.fmean(vals),
@@ -145,6 +151,8 @@ def _search_vs_grid(seeds: list[dict]) -> dict:
     out = {}
     for label in seeds[0]["methods"]:
         if not label.startswith(("pcb + evolve", "pcb + random search")):
+            continue
+        if label not in seeds[0]["methods"]:
             continue
         if "pcb" not in seeds[0]["methods"]:
             continue
@@ -197,29 +205,38 @@ def _tuned(chosen: list[dict]) -> str:
     )
 
 
+def _scored(per_seed: list | None) -> str:
+    """Mean validation examples a row scored per seed ('-' where not recorded)."""
+    known = [n for n in per_seed or [] if n is not None]
+    return f"{statistics.fmean(known):,.0f}" if known else "-"
+
+
 def summary_table(summary: dict) -> str:
     """The table both RESULTS.md and the README show."""
     tasks = summary["tasks"]
     head = (
-        "| model | normalised acc. (mean ± std) | " + " | ".join(tasks) + " | chosen (per seed) |"
+        "| model | normalised acc. (mean ± std) | validation examples scored | "
+        + " | ".join(tasks)
+        + " | chosen (per seed) |"
     )
-    rule = "|" + "---|" * (len(tasks) + 3)
+    rule = "|" + "---|" * (len(tasks) + 4)
     lines = [head, rule]
     b = summary["base"]
     lines.append(
-        f"| base | {_pct(b['normalized_mean'])} ± {_pct(b['normalized_std'])} | "
+        f"| base | {_pct(b['normalized_mean'])} ± {_pct(b['normalized_std'])} | 0 | "
         + " | ".join(_pct(b["per_task"][t]) for t in tasks)
         + " | - |"
     )
     e = summary["experts"]
     lines.append(
-        "| experts (each on its own task) | 100.0 | "
+        "| experts (each on its own task) | 100.0 | - | "
         + " | ".join(_pct(e["per_task"][t]) for t in tasks)
         + " | - |"
     )
     for label, m in sorted(summary["methods"].items(), key=lambda kv: -kv[1]["normalized_mean"]):
         lines.append(
             f"| {label} | {_pct(m['normalized_mean'])} ± {_pct(m['normalized_std'])} | "
+            f"{_scored(m.get('examples_scored'))} | "
             + " | ".join(_pct(m["per_task"][t]) for t in tasks)
             + f" | {_tuned(m['chosen'])} |"
         )
@@ -283,6 +300,17 @@ def verdicts(summary: dict) -> dict:
     if "pcb + evolve" in versus:
         out["search_1x_minus_grid_points"] = versus["pcb + evolve"]["mean_points"]
         out["search_1x_worse_beyond_seed_noise"] = versus["pcb + evolve"]["worse_beyond_seed_noise"]
+        out["search_1x_ge_grid_plus_0_5"] = versus["pcb + evolve"]["mean_points"] >= 0.5
+    if "pcb + evolve (1/3 budget)" in versus:
+        third = versus["pcb + evolve (1/3 budget)"]["mean_points"]
+        out["search_third_minus_grid_points"] = third
+        out["search_third_ge_grid_minus_0_2"] = third >= -0.2
+    if "pcb + evolve (label-free)" in versus and "pcb + evolve" in versus:
+        free = versus["pcb + evolve (label-free)"]["mean_points"]
+        out["label_free_minus_grid_points"] = free
+        out["label_free_minus_search_points"] = free - versus["pcb + evolve"]["mean_points"]
+        out["label_free_ge_search_minus_0_5"] = out["label_free_minus_search_points"] >= -0.5
+        out["label_free_ge_grid_minus_0_5"] = free >= -0.5
     return out
 
 
@@ -306,6 +334,26 @@ def verdict_lines(summary: dict) -> str:
             f"{'yes' if v['search_4x_ge_grid_plus_0_5'] else 'no'} "
             f"({v['search_4x_minus_grid_points']:+.2f})."
         )
+    if "search_1x_ge_grid_plus_0_5" in v:
+        out.append(
+            "- The search at the grid's examples >= grid-tuned PCB + 0.5 points: "
+            f"{'yes' if v['search_1x_ge_grid_plus_0_5'] else 'no'} "
+            f"({v['search_1x_minus_grid_points']:+.2f})."
+        )
+    if "search_third_ge_grid_minus_0_2" in v:
+        out.append(
+            "- The search at a third of the grid's examples >= grid-tuned PCB - 0.2 points: "
+            f"{'yes' if v['search_third_ge_grid_minus_0_2'] else 'no'} "
+            f"({v['search_third_minus_grid_points']:+.2f})."
+        )
+    if "label_free_ge_search_minus_0_5" in v:
+        out.append(
+            "- The label-free search >= the labelled search - 0.5 points: "
+            f"{'yes' if v['label_free_ge_search_minus_0_5'] else 'no'} "
+            f"({v['label_free_minus_search_points']:+.2f}); >= grid-tuned PCB - 0.5: "
+            f"{'yes' if v['label_free_ge_grid_minus_0_5'] else 'no'} "
+            f"({v['label_free_minus_grid_points']:+.2f})."
+        )
     if "search_1x_worse_beyond_seed_noise" in v:
         out.append(
             "- The search at the grid's budget worse than the grid beyond seed noise (mean "
@@ -316,6 +364,10 @@ def verdict_lines(summary: dict) -> str:
     return "\n".join(out)
 
 
+def _examples(point: dict) -> str:
+    return "?" if point.get("examples") is None else f"{point['examples']:,.0f}"
+
+
 def search_lines(summary: dict) -> str:
     """The budget curves and the per-seed search - grid differences, as markdown."""
     curves, versus = summary.get("curves", {}), summary.get("search_vs_grid", {})
@@ -324,32 +376,31 @@ def search_lines(summary: dict) -> str:
     lines = [
         "## The search against the grid",
         "",
-        "Test normalised accuracy (%) of the tuner's pick after n scored "
-        "candidates, mean ± std over seeds. `pcb + evolve` is `mergekit-pcb evolve` (default, "
-        "3 x 3 lambda x pcb_ratio sweep, then CMA-ES, popsize 6); the random search draws "
-        "uniformly from the same box (pcb_ratio and lambda over the grid's ranges, one weight "
-        "per expert in [0.7, 1.3]); the grid is PCB's lambda x pcb_ratio grid (weights 1). All "
-        "three rank candidates by the same validation criterion"
+        "Test normalised accuracy (%) of each tuner's pick against the validation examples "
+        "it scored (mean over seeds; candidates in brackets), mean ± std over seeds. "
+        "`pcb + evolve` is `mergekit-pcb evolve` with its budget in examples "
+        "(`budget_examples`: a third, one and four times the grid's), successive halving "
+        "over 3 rungs (eta 3), a 3 x 3 lambda x pcb_ratio sweep first, 9 candidates a round; "
+        "the rows in brackets change one thing (the optimizer, one fidelity, label-free). "
+        "The random search draws uniformly from the same box (pcb_ratio and lambda over the "
+        "grid's ranges, one weight per expert in [0.7, 1.3]) and, like the grid (PCB's "
+        "lambda x pcb_ratio grid, weights 1), ranks candidates on the validation split"
         + (
-            f"; each re-ranks its {summary['regime']['rescore_top']} best on "
-            f"{summary['regime']['n_rescore']} validation examples a task and returns the best "
-            "there (`optimizer.rescore` in `mergekit-pcb evolve`; the grid rows the same)."
+            f" and re-ranks its {summary['regime']['rescore_top']} best on "
+            f"{summary['regime']['n_rescore']} validation examples a task."
             if summary["regime"].get("rescore_top")
             else "."
         ),
         "",
-    ]
-    marks = sorted({p["candidates"] for pts in curves.values() for p in pts})
-    lines += [
-        "| tuner | " + " | ".join(f"n = {n}" for n in marks) + " |",
-        "|---|" + "---|" * len(marks),
+        "| tuner | examples scored (candidates): test % |",
+        "|---|---|",
     ]
     for label, points in curves.items():
-        at = {p["candidates"]: p for p in points}
         cells = [
-            f"{at[n]['test_mean']:.1f} ± {at[n]['test_std']:.1f}" if n in at else "" for n in marks
+            f"{_examples(p)} ({p['candidates']:.0f}): {p['test_mean']:.1f} ± {p['test_std']:.1f}"
+            for p in points
         ]
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        lines.append(f"| {label} | " + "; ".join(cells) + " |")
     if versus:
         lines += ["", "Each search row minus grid-tuned PCB, per seed (points):", ""]
         for label, d in versus.items():
@@ -359,7 +410,7 @@ def search_lines(summary: dict) -> str:
                 f"{d['seed_noise_points']:.2f}; won {d['seeds_won']}, lost {d['seeds_lost']} of "
                 f"{len(d['per_seed_points'])} seeds: {per})"
             )
-    lines += ["", "![test score vs candidates](search.png)", ""]
+    lines += ["", "![test score vs examples scored](search.png)", ""]
     return "\n".join(lines)
 
 
@@ -489,7 +540,7 @@ def plot(summary: dict, path: Path) -> None:
 
 
 def plot_search(summary: dict, path: Path) -> None:
-    """Test score vs scored candidates: the search, the random search and the grid."""
+    """Test score vs validation examples scored: each search and the grid."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -507,11 +558,14 @@ def plot_search(summary: dict, path: Path) -> None:
     }
     for label, points in curves.items():
         color, marker = style.get(label, ("tab:gray", "^-"))
-        xs = [p["candidates"] for p in points]
+        if any(p.get("examples") is None for p in points):
+            continue
+        xs = [p["examples"] for p in points]
         ys = [p["test_mean"] for p in points]
         errs = [p["test_std"] / n_seeds**0.5 for p in points]
         ax.errorbar(xs, ys, yerr=errs, fmt=marker, color=color, capsize=3, label=label)
-    ax.set_xlabel("scored candidates (validation)")
+    ax.set_xlabel("validation examples scored")
+    ax.set_xscale("log")
     ax.set_ylabel("test normalised exact match (%)")
     top = summary["regime"].get("rescore_top")
     picked = f"pick ({top} best re-ranked)" if top else "best-on-validation"

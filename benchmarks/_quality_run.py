@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 import _quality_evolve
 import click
 import torch
+import toy
 from _quality_methods import METHODS, Method, configurations, merge, scored
 from _quality_report import bootstrap_difference, rewrite_report, write_outputs
 from _quality_setup import (
@@ -33,10 +34,7 @@ from _quality_setup import (
 from mergekit_pcb.tiny import save_model
 
 HERE = Path(__file__).resolve().parent
-# The search's warm-up: a 3 x 3 lambda x pcb_ratio sweep (9 of the grid-size budget).
-SWEEP = (3, 3)
 METHODS_BY_LABEL = {m.label: m for m in METHODS}
-SEARCHES = {"evolve": "pcb + evolve", "random": "pcb + random search"}
 
 
 def _per_task(hits: torch.Tensor, regime: Regime, n: int) -> dict[str, torch.Tensor]:
@@ -71,58 +69,61 @@ def _save_checkpoints(model, tokenizer, base_state, experts, root: Path) -> dict
     return paths
 
 
-def _sweep(budget: int) -> tuple[int, int]:
-    """SWEEP where it leaves CMA-ES at least as many candidates as it takes, else 2 x 2."""
-    return SWEEP if budget >= 2 * (1 + SWEEP[0] * SWEEP[1]) else (2, 2)
-
-
 def _checkpoints(grid: int, factor: int) -> list[int]:
-    """Budgets at which the search curves are scored on test: half the grid, then k x grid."""
+    """Budgets at which the random search's curve is scored on test: half the grid, then
+    k x grid."""
     return sorted({max(1, grid // 2), *(grid * k for k in range(1, factor + 1))})
 
 
-def _search_curves(
-    regime, seed, active, on_disk, tasks, base_state, experts, val_score, rescore_score, cache_dir
-):
-    """Per search kind, its candidates (values + validation score) at the largest budget,
-    and for evolve the index of its own result (``evolve_pick``)."""
-    grid = len(configurations(METHODS_BY_LABEL["pcb"], regime.scales, regime.densities))
-    out = {}
-    for kind in SEARCHES:
-        factors = [m.budget_factor for m in active if m.via == kind]
-        if not factors:
-            continue
-        budget = grid * max(factors)
-        if kind == "evolve":
-            slug = f"evolve-seed{seed}-{regime.name}"
-            candidates, evolve_pick = _quality_evolve.evolve(
-                cache_dir / slug,
-                on_disk,
-                tasks,
-                val_score.own,
-                n_val=regime.n_val,
-                val_seed=VAL_SEED,
-                budget=budget,
-                scales=regime.scales,
-                densities=regime.densities,
-                seed=seed,
-                sweep=_sweep(grid),  # sized for 1x: the 4x run's first candidates are 1x's
-                rescore_top=regime.rescore_top,
-                n_rescore=regime.n_rescore,
-                own_rescore=rescore_score.own if rescore_score else None,
-            )
-        else:
-            pcb = METHODS_BY_LABEL["pcb"]
-            points = _quality_evolve.random_points(
-                budget, tasks, regime.scales, regime.densities, seed
-            )
-            candidates = []
-            for values in points:
-                state = merge(pcb, base_state, experts, _quality_evolve.params_of(values, tasks))
-                candidates.append({"values": values, "val_normalized": val_score(state)[0]})
-            evolve_pick = None
-        out[kind] = {"grid": grid, "candidates": candidates, "evolve_pick": evolve_pick}
-    return out
+def grid_size(regime) -> int:
+    return len(configurations(METHODS_BY_LABEL["pcb"], regime.scales, regime.densities))
+
+
+def examples_of(regime, candidates: int, rescored: int) -> int:
+    """Validation examples a tuner scores: ``candidates`` on n_val a task, then its
+    ``rescored`` finalists again on n_rescore a task."""
+    tasks = len(regime.tasks)
+    return candidates * tasks * regime.n_val + rescored * tasks * regime.n_rescore
+
+
+def grid_examples(regime) -> int:
+    """The grid's validation examples: every point, then its re-ranked best."""
+    grid = grid_size(regime)
+    return examples_of(regime, grid, min(regime.rescore_top, grid))
+
+
+def n_full(regime) -> int:
+    """Validation examples a task at the search's last rung: what the grid re-ranks on,
+    at most, and small enough that a third of the grid's examples pays for the default
+    and the 3 x 3 sweep's round (about 4.1 full scorings) with room to spare."""
+    return min(
+        regime.n_rescore or regime.n_val, 300, grid_examples(regime) // (13 * len(regime.tasks))
+    )
+
+
+def _chosen(values: dict, candidates: int) -> dict:
+    """A search's pick as the table shows it (one layer group)."""
+    return {
+        "pcb_ratio": round(values["pcb_ratio"][0], 4),
+        "lambda": round(values["lambda"], 4),
+        "weights": [round(w, 3) for w in values["weight"]],
+        "candidates": candidates,
+    }
+
+
+def _random_search(regime, seed, active, tasks, base_state, experts, val_score):
+    """The random search's candidates (values + validation score) at its largest budget."""
+    factors = [m.budget_factor for m in active if m.via == "random"]
+    if not factors:
+        return None
+    budget = grid_size(regime) * max(factors)
+    pcb = METHODS_BY_LABEL["pcb"]
+    points = _quality_evolve.random_points(budget, tasks, regime.scales, regime.densities, seed)
+    candidates = []
+    for values in points:
+        state = merge(pcb, base_state, experts, _quality_evolve.params_of(values, tasks))
+        candidates.append({"values": values, "val_normalized": val_score(state)[0]})
+    return {"grid": grid_size(regime), "candidates": candidates}
 
 
 class _ValScore:
@@ -211,18 +212,35 @@ def _run_seed(regime, seed, shared: _Shared, log) -> dict:
         "methods": {},
         "curves": {},
     }
-    searches = _search_curves(
-        regime,
-        seed,
-        active,
-        on_disk,
-        tasks,
-        base_state,
-        experts,
-        val_score,
-        rescore_score,
-        family.cache_dir,
-    )
+    searches = {}
+    random_run = _random_search(regime, seed, active, tasks, base_state, experts, val_score)
+    if random_run is not None:
+        searches["random"] = random_run
+    n_search = n_full(regime)
+    full_split = [  # the search's whole split: the validation stream's first n_search
+        ex for task in regime.tasks for ex in toy.make_examples(task, n_search, VAL_SEED)
+    ]
+    full_score = None
+    evolve_specs = [m.search for m in active if m.via == "evolve"]
+    runs = {}
+    if evolve_specs:
+        own_full = {
+            task: _mean(evaluate(experts[task], full_split, n_search))[task] for task in experts
+        }
+        full_score = _ValScore(evaluate, full_split, n_search, own_full)
+        runs = _quality_evolve.evolve_runs(
+            family.cache_dir / f"evolve-seed{seed}-{regime.name}",
+            on_disk,
+            tasks,
+            own_full,
+            evolve_specs,
+            n_full=n_search,
+            grid_examples=grid_examples(regime),
+            scales=regime.scales,
+            densities=regime.densities,
+            seed=seed,
+            val_seed=VAL_SEED,
+        )
     pcb = METHODS_BY_LABEL["pcb"]
     tested: dict[tuple[str, int], dict] = {}  # (kind, candidate index) -> test hits
     rescored: dict[tuple[str, int], float] = {}  # (kind, candidate index) -> rescore score
@@ -242,34 +260,49 @@ def _run_seed(regime, seed, shared: _Shared, log) -> dict:
             lambda i: search_rescore(kind, i),
         )
 
-    def search_test(kind, index):
-        if (kind, index) not in tested:
-            values = searches[kind]["candidates"][index]["values"]
+    def values_test(values):
+        key = json.dumps(values, sort_keys=True)
+        if key not in tested:
             params = _quality_evolve.params_of(values, tasks)
-            state = merge(pcb, base_state, experts, params)
-            tested[kind, index] = evaluate(state, test, regime.n_test)
-        return tested[kind, index]
+            tested[key] = evaluate(merge(pcb, base_state, experts, params), test, regime.n_test)
+        return tested[key]
 
     for method in active:
-        if method.via in SEARCHES:
-            run = searches[method.via]
+        if method.via == "random":
+            run = searches["random"]
             n = run["grid"] * method.budget_factor
-            index = search_pick(method.via, n)
+            index = search_pick("random", n)
             cand = run["candidates"][index]
             values = cand["values"]
             best = {
-                "params": {
-                    "pcb_ratio": round(values["pcb_ratio"][0], 4),
-                    "lambda": round(values["lambda"], 4),
-                    "weights": [round(w, 3) for w in values["weight"]],
-                    "candidates": n,
-                },
+                "params": _chosen(values, n),
                 "val_normalized": cand["val_normalized"],
             }
             if regime.rescore_top:
-                best["rescore_normalized"] = search_rescore(method.via, index)
+                best["rescore_normalized"] = search_rescore("random", index)
+            examples = examples_of(regime, n, min(regime.rescore_top, n))
             sweep = [best]
-            hits = search_test(method.via, index)
+            hits = values_test(values)
+        elif method.via == "evolve":
+            run = runs[method.search.key()]
+            values = run["values"]
+            best = {
+                "params": _chosen(values, run["candidates"]),
+                # The grid's criterion on the search's last-rung split (label-free: not
+                # seen by the search; scored here).
+                "val_normalized": full_score(
+                    merge(pcb, base_state, experts, _quality_evolve.params_of(values, tasks))
+                )[0],
+                "search_seconds": run["cost"]["wall_seconds"],
+                "scoring_seconds": run["cost"]["scoring_seconds"],
+            }
+            if run["val_normalized"] is not None:  # the search's merge is mergekit's
+                best["val_recheck"] = best["val_normalized"] - run["val_normalized"]
+                if abs(best["val_recheck"]) > 1e-9:
+                    log(f"seed {seed}: warning: {method.label}'s best scores differently here")
+            examples = run["examples_scored"]
+            sweep = [best]
+            hits = values_test(values)
         else:
             sweep = []
             for params in configurations(method, regime.scales, regime.densities):
@@ -277,14 +310,17 @@ def _run_seed(regime, seed, shared: _Shared, log) -> dict:
                 norm, acc = val_score(state)
                 sweep.append({"params": params, "val_normalized": norm, "val_per_task": acc})
             best = sweep[_quality_evolve.pick(sweep, len(sweep), 0, None)]
+            finalists = 0
             if regime.rescore_top:  # the same re-ranking of the finalists as the searches
                 order = sorted(range(len(sweep)), key=lambda i: -sweep[i]["val_normalized"])
+                finalists = len(order[: regime.rescore_top])
                 for i in order[: regime.rescore_top]:
                     state = merge(method, base_state, experts, sweep[i]["params"], on_disk)
                     sweep[i]["rescore_normalized"] = rescore_score(state)[0]
                 scores = {i: sweep[i]["rescore_normalized"] for i in order[: regime.rescore_top]}
                 top = regime.rescore_top
                 best = sweep[_quality_evolve.pick(sweep, len(sweep), top, scores.get)]
+            examples = examples_of(regime, len(sweep), finalists)
             chosen = merge(method, base_state, experts, best["params"], on_disk)
             hits = evaluate(chosen, test, regime.n_test)
         acc = _mean(hits)
@@ -293,47 +329,57 @@ def _run_seed(regime, seed, shared: _Shared, log) -> dict:
             "val_normalized": best["val_normalized"],
             "test_per_task": acc,
             "test_normalized": _normalized(acc, own_test),
+            "examples_scored": examples,
             "hits": hits,
             "sweep": sweep,
         }
         log(
-            f"seed {seed} {method.label:24s} val {best['val_normalized']:.3f} "
+            f"seed {seed} {method.label:26s} val {best['val_normalized']:.3f} "
             f"test {result['methods'][method.label]['test_normalized']:.3f} "
-            f"with {best['params']}"
+            f"examples {examples} with {best['params']}"
         )
-    if "evolve" in searches:  # the search's own merge and mergekit's agree on its best
-        run = searches["evolve"]
-        last = len(run["candidates"])
-        index = search_pick("evolve", last)
-        result["evolve_pick_agrees"] = index == run["evolve_pick"]
-        if not result["evolve_pick_agrees"]:
-            log(f"seed {seed}: warning: evolve picked #{run['evolve_pick']}, this run #{index}")
-        params = _quality_evolve.params_of(run["candidates"][index]["values"], tasks)
-        again = val_score(merge(pcb, base_state, experts, params))[0]
-        result["evolve_val_recheck"] = again - run["candidates"][index]["val_normalized"]
-        if abs(result["evolve_val_recheck"]) > 1e-9:
-            log(f"seed {seed}: warning: evolve's best scores {again:.6f} when mergekit merges it")
-    # Test score of the best-on-validation candidate after n scored candidates.
-    for kind, run in searches.items():
-        factor = max(m.budget_factor for m in active if m.via == kind)
-        marks = _checkpoints(run["grid"], factor)
-        best_at = {n: search_pick(kind, n) for n in marks}
-        result["curves"][SEARCHES[kind]] = [
+    # Test score against validation examples scored: the random search after n candidates.
+    if "random" in searches:
+        run = searches["random"]
+        factor = max(m.budget_factor for m in active if m.via == "random")
+        curve = []
+        for n in _checkpoints(run["grid"], factor):
+            i = search_pick("random", n)
+            curve.append(
+                {
+                    "candidates": n,
+                    "examples": examples_of(regime, n, min(regime.rescore_top, n)),
+                    "val_normalized": run["candidates"][i]["val_normalized"],
+                    "test_normalized": _normalized(
+                        _mean(values_test(run["candidates"][i]["values"])), own_test
+                    ),
+                }
+            )
+        curve[0]["all_val"] = [round(c["val_normalized"], 5) for c in run["candidates"]]
+        result["curves"]["pcb + random search"] = curve
+    # Every evolve row is a point; the default's budgets make its curve.
+    for method in active:
+        if method.via != "evolve":
+            continue
+        row = result["methods"][method.label]
+        default_family = method.search.method is None and method.search.rungs is None
+        label = "pcb + evolve" if default_family and not method.search.label_free else method.label
+        result["curves"].setdefault(label, []).append(
             {
-                "candidates": n,
-                "val_normalized": run["candidates"][i]["val_normalized"],
-                "test_normalized": _normalized(_mean(search_test(kind, i)), own_test),
+                "candidates": row["chosen"]["candidates"],
+                "examples": row["examples_scored"],
+                "val_normalized": row["val_normalized"],
+                "test_normalized": row["test_normalized"],
             }
-            for n, i in best_at.items()
-        ]
-        result["curves"][SEARCHES[kind]][0]["all_val"] = [
-            round(c["val_normalized"], 5) for c in run["candidates"]
-        ]
+        )
+    for points in result["curves"].values():
+        points.sort(key=lambda p: p["examples"])
     if "pcb" in result["methods"]:
         row = result["methods"]["pcb"]
         result["curves"]["pcb grid"] = [
             {
                 "candidates": len(row["sweep"]),
+                "examples": row["examples_scored"],
                 "val_normalized": row["val_normalized"],
                 "test_normalized": row["test_normalized"],
             }
@@ -389,6 +435,14 @@ def run(
     for suffix in ("", " (4x)"):  # each search against the grid, and against each other
         pairs += [(f"pcb + evolve{suffix}", "pcb"), (f"pcb + random search{suffix}", "pcb")]
         pairs += [(f"pcb + evolve{suffix}", f"pcb + random search{suffix}")]
+    # issue 23: the search at a third of the grid's examples, label-free, each optimizer
+    # and the schedule against the grid; label-free against the labelled search.
+    for variant in ("1/3 budget", "label-free", "cmaes", "tpe", "random", "one fidelity"):
+        pairs += [(f"pcb + evolve ({variant})", "pcb")]
+    pairs += [("pcb + evolve (label-free)", "pcb + evolve")]
+    pairs += [("pcb + evolve (tpe)", "pcb + evolve (cmaes)")]
+    pairs += [("pcb + evolve (random)", "pcb + evolve (cmaes)")]
+    pairs += [("pcb + evolve", "pcb + evolve (one fidelity)")]
     for a, b in pairs:
         if {a, b} <= labels:
             comparisons[f"{a} - {b}"] = bootstrap_difference(per_seed, a, b, regime.bootstrap)

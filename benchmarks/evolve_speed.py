@@ -69,9 +69,16 @@ def search_side(raw: dict, candidates: int, threads: int | None) -> dict:
     cfg = EvolveConfig.model_validate(raw)
     imported = peak()
     start = time.perf_counter()
-    layout = layout_mod.build_layout(cfg)
-    planned, groups = layout_mod.tensor_groups(cfg, layout)
-    cache = cache_mod.build(planned, groups, cfg, cache_dir=None, memory_bytes=0)
+    layout = layout_mod.build_layout(cfg.inputs, cfg.search.layer_groups)
+    planned, groups = layout_mod.tensor_groups(cfg.inputs, layout)
+    cache = cache_mod.build(
+        planned,
+        groups,
+        cfg.inputs,
+        cache_mod.ratio_levels(cfg.search),
+        cache_dir=None,
+        memory_bytes=0,
+    )
     del planned
     startup = time.perf_counter() - start
     after_startup = peak()
@@ -80,9 +87,9 @@ def search_side(raw: dict, candidates: int, threads: int | None) -> dict:
     model.to(cfg.device)
     writer = ModelWriter(model, cache, cfg.cache.gpu_memory_gb)
     load = time.perf_counter() - start
-    genome = Genome.from_config(cfg, layout.groups)
+    genome = Genome.of(cfg.search, len(cfg.models), layout.groups)
     low, high = cfg.search.range("pcb_ratio")
-    fixed = layout_mod.default_values(cfg, layout.groups)
+    fixed = layout_mod.default_values(cfg.inputs, layout.groups)
     points = [
         layout_mod.Values((ratio,) * layout.groups, 1.3, fixed.weights)
         for ratio in (low, high, fixed.pcb_ratio[0])

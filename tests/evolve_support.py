@@ -115,3 +115,18 @@ def loss_search_config(family, tmp_path: Path, **overrides):
     }
     raw.update(overrides)
     return EvolveConfig.model_validate(raw)
+
+
+def planned_cache(cfg, **build):
+    """(layout, planned tensors, their groups, the statistics cache) of a validated search
+    config, as the search's steps 1 and 2 make them (``build``: cache.build's options;
+    memory_bytes 0 by default)."""
+    from mergekit_pcb.evolve import cache as cache_mod
+    from mergekit_pcb.evolve import layout as layout_mod
+
+    layout = layout_mod.build_layout(cfg.inputs, cfg.search.layer_groups)
+    planned, groups = layout_mod.tensor_groups(cfg.inputs, layout)
+    options = {"cache_dir": None, "memory_bytes": 0, **build}
+    levels = cache_mod.ratio_levels(cfg.search)
+    cache = cache_mod.build(planned, groups, cfg.inputs, levels, **options)
+    return layout, planned, groups, cache

@@ -154,7 +154,7 @@ cfg = EvolveConfig.model_validate({
     "base_model": "b", "models": ["a"], "search": {"pcb_ratio": [0.5, 0.6]},
     "evaluation": {"tasks": [{"name": "t", "type": "python", "function": "m:f"}]},
 })
-values = default_values(cfg, 2)
+values = default_values(cfg.inputs, 2)
 
 from mergekit.evo.genome import ModelGenome, ModelGenomeDefinition
 from mergekit_pcb import evolve_compat
@@ -168,7 +168,7 @@ print(json.dumps({
     "demo": options,
     "fixed_clamp": FixedParameters().clamp_ratio,
     "baseline": [list(values.pcb_ratio), values.lambda_, list(values.weights)],
-    "searched": list(searched_ratios(cfg)),
+    "searched": list(searched_ratios(cfg.search)),
     "genome_ratio": float(x0[..., evolve_compat.PARAMS.index("pcb_ratio")].flatten()[0]),
 }))
 """

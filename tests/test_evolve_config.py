@@ -216,12 +216,29 @@ def test_new_keys_keep_old_fingerprints(tmp_path, good):
         exclude={
             "cache": True,
             "tokenizer": True,
-            "optimizer": {"budget", "start", "sweep", "rescore"},
+            "optimizer": {
+                "budget",
+                "budget_examples",
+                "method",
+                "fidelity",
+                "start",
+                "sweep",
+                "rescore",
+            },
             "evaluation": {
-                "tasks": {"__all__": {"kwargs", "test_kwargs", "rescore_data", "rescore_kwargs"}}
+                "tasks": {
+                    "__all__": {
+                        "kwargs",
+                        "test_kwargs",
+                        "rescore_data",
+                        "rescore_kwargs",
+                        "examples",
+                    }
+                }
             },
         },
     )
+    old["optimizer"]["sigma"] = 0.2  # its default before it became optional (cmaes only)
     expected = hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:16]
     assert cfg.fingerprint() == expected
     swept = {**good, "optimizer": {"sweep": [2, 2]}}
@@ -231,6 +248,13 @@ def test_new_keys_keep_old_fingerprints(tmp_path, good):
     limited = {**good, "evaluation": {"tasks": [task]}}
     fingerprint = load_config(_write(tmp_path, rescored)).fingerprint()
     assert fingerprint != load_config(_write(tmp_path, limited)).fingerprint()
+    # The budget's unit may change on resume; the optimizer and the schedule may not.
+    for optimizer in ({"budget_examples": 500}, {"sigma": 0.2}, {"method": "cmaes"}):
+        same = {**good, "optimizer": optimizer}
+        assert load_config(_write(tmp_path, same)).fingerprint() == expected
+    for optimizer in ({"method": "tpe"}, {"fidelity": {"rungs": 2}}, {"sigma": 0.3}):
+        other = {**good, "optimizer": optimizer}
+        assert load_config(_write(tmp_path, other)).fingerprint() != expected
 
 
 def _available() -> list[str]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import check, load_tensors, run_tool
-from evolve_support import loss_search_config
+from evolve_support import loss_search_config, planned_cache
 
 from mergekit_pcb.evolve import cache as cache_mod
 from mergekit_pcb.evolve import layout as layout_mod
@@ -25,12 +25,10 @@ def _cfg(family, tmp_path, **kw) -> EvolveConfig:
 
 
 def _search_state(cfg, values, *, cache_dir=None, force_disk=False):
-    layout = layout_mod.build_layout(cfg)
-    planned, groups = layout_mod.tensor_groups(cfg, layout)
-    cache = cache_mod.build(
-        planned, groups, cfg, cache_dir=cache_dir, memory_bytes=1e12, force_disk=force_disk
+    layout, _, groups, cache = planned_cache(
+        cfg, cache_dir=cache_dir, memory_bytes=1e12, force_disk=force_disk
     )
-    model, _ = load_model(cfg)
+    model, _ = load_model(cfg.inputs, tasks=cfg.evaluation.tasks)
     writer = ModelWriter(model, cache)
     writer.write(values)
     return layout, groups, cache, writer.state()
@@ -40,7 +38,7 @@ def _mergekit(cfg, values, layout, tmp_path) -> dict:
     import yaml
 
     best = tmp_path / "best.yml"
-    best.write_text(yaml.safe_dump(layout_mod.merge_config(cfg, values, layout)))
+    best.write_text(yaml.safe_dump(layout_mod.merge_config(cfg.inputs, values, layout)))
     out = tmp_path / "merged"
     check(run_tool("mergekit-yaml", best, out, "--no-copy-tokenizer"))
     return load_tensors(out)
@@ -68,7 +66,8 @@ def test_candidate_equals_mergekit_yaml(family, tmp_path, dtype, groups, disk, c
     assert flavours == ({"streamed"} if clamp == 0.0 else {"stored"})
     if disk:  # the statistics on disk, and the inputs read where they are
         reopened = cache_mod.TensorCache.open(
-            tmp_path / "cache", cache_mod.fingerprint(cfg, group_of)
+            tmp_path / "cache",
+            cache_mod.fingerprint(cfg.inputs, cache_mod.ratio_levels(cfg.search), group_of),
         )
         assert reopened is not None and reopened.names == cache.names
         assert all(t.sources is not None for t in reopened.tensors)
@@ -95,10 +94,8 @@ def test_candidate_equals_mergekit_yaml(family, tmp_path, dtype, groups, disk, c
 def test_layer_ratios_change_only_their_group(family, tmp_path):
     """Changing group 1's ratio moves exactly the tensors of group 1."""
     cfg = _cfg(family, tmp_path, search={"layer_groups": 2})
-    layout = layout_mod.build_layout(cfg)
-    planned, groups = layout_mod.tensor_groups(cfg, layout)
-    cache = cache_mod.build(planned, groups, cfg, cache_dir=None, memory_bytes=1e12)
-    model, _ = load_model(cfg)
+    _, _, groups, cache = planned_cache(cfg, memory_bytes=1e12)
+    model, _ = load_model(cfg.inputs, tasks=cfg.evaluation.tasks)
     writer = ModelWriter(model, cache)
     writer.write(layout_mod.Values((0.2, 0.2), 1.0, (1.0, 1.0, 1.0)))
     a = writer.state()
@@ -117,14 +114,14 @@ def test_layer_ratios_change_only_their_group(family, tmp_path):
 def test_best_yml_resolves_to_used_values(family, tmp_path):
     """mergekit's planner resolves the written filters to exactly the searched values."""
     cfg = _cfg(family, tmp_path, search={"layer_groups": 3})
-    layout = layout_mod.build_layout(cfg)
-    planned, groups = layout_mod.tensor_groups(cfg, layout)
+    layout = layout_mod.build_layout(cfg.inputs, cfg.search.layer_groups)
+    planned, groups = layout_mod.tensor_groups(cfg.inputs, layout)
     values = layout_mod.Values((0.11, 0.37, 0.93), 0.77, (1.3, 0.5, 0.8))
-    merge = layout_mod.merge_config(cfg, values, layout)
-    layout_mod.check_reproduces(cfg, merge, values, groups, [p.name for p in planned])
+    merge = layout_mod.merge_config(cfg.inputs, values, layout)
+    layout_mod.check_reproduces(cfg.inputs, merge, values, groups, [p.name for p in planned])
     wrong = layout_mod.Values((0.11, 0.37, 0.94), 0.77, (1.3, 0.5, 0.8))
     with pytest.raises(RuntimeError, match="pcb_ratio"):
-        layout_mod.check_reproduces(cfg, merge, wrong, groups)
+        layout_mod.check_reproduces(cfg.inputs, merge, wrong, groups)
 
 
 def test_cache_inputs_and_storage_do_not_change_the_merge(family, bin_family, tmp_path):
@@ -135,16 +132,21 @@ def test_cache_inputs_and_storage_do_not_change_the_merge(family, bin_family, tm
     *_, in_memory = _search_state(cfg, values)
 
     bin_cfg = _cfg(bin_family, tmp_path)
-    layout = layout_mod.build_layout(bin_cfg)
-    planned, groups = layout_mod.tensor_groups(bin_cfg, layout)
+    layout = layout_mod.build_layout(bin_cfg.inputs, bin_cfg.search.layer_groups)
+    planned, groups = layout_mod.tensor_groups(bin_cfg.inputs, layout)
     budget = 4 * 4 * sum(p.numel() for p in load_tensors(family.base).values()) / 3  # ~ a third
     mixed = cache_mod.build(
-        planned, groups, bin_cfg, cache_dir=tmp_path / "spill", memory_bytes=budget
+        planned,
+        groups,
+        bin_cfg.inputs,
+        cache_mod.ratio_levels(bin_cfg.search),
+        cache_dir=tmp_path / "spill",
+        memory_bytes=budget,
     )
     assert all(t.sources is None for t in mixed.tensors)  # nothing to memory-map
     on_disk = [t.file is not None for t in mixed.tensors]
     assert any(on_disk) and not all(on_disk)
-    model, _ = load_model(bin_cfg)
+    model, _ = load_model(bin_cfg.inputs, tasks=bin_cfg.evaluation.tasks)
     writer = ModelWriter(model, mixed)
     writer.write(values)
     from_bin = writer.state()

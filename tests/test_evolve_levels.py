@@ -14,7 +14,7 @@ import json
 import pytest
 import torch
 import yaml
-from evolve_support import loss_search_config
+from evolve_support import loss_search_config, planned_cache
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -53,11 +53,11 @@ def _search_cfg(pcb_ratio) -> EvolveConfig:
 def test_every_candidate_ratio_is_a_level_that_survives_yaml(low, width, u):
     high = min(1.0, low + width)
     cfg = _search_cfg([low, high])
-    levels = cache_mod.ratio_levels(cfg)
+    levels = cache_mod.ratio_levels(cfg.search)
     assert list(levels) == sorted(set(levels))
     assert {low, high, PCB_RATIO.default} <= set(levels)
     assert all(low <= r <= high for r in levels if r != PCB_RATIO.default)
-    genome = Genome.from_config(cfg, 1)
+    genome = Genome.of(cfg.search, len(cfg.models), 1)
     if low < high:
         (ratio,) = genome.decode([u] * genome.dimension).pcb_ratio
         assert ratio in levels
@@ -66,16 +66,16 @@ def test_every_candidate_ratio_is_a_level_that_survives_yaml(low, width, u):
 
 
 def test_levels_of_the_default_range():
-    levels = cache_mod.ratio_levels(_search_cfg([0.02, 0.5]))
+    levels = cache_mod.ratio_levels(_search_cfg([0.02, 0.5]).search)
     assert len(levels) == 481 and levels[0] == 0.02 and levels[-1] == 0.5
     assert 0.1 in levels and 0.137 in levels
-    fixed = cache_mod.ratio_levels(_search_cfg(0.3))
+    fixed = cache_mod.ratio_levels(_search_cfg(0.3).search)
     assert fixed == (PCB_RATIO.default, 0.3)
 
 
 def _planned(cfg):
-    layout = layout_mod.build_layout(cfg)
-    return layout, *layout_mod.tensor_groups(cfg, layout)
+    layout = layout_mod.build_layout(cfg.inputs, cfg.search.layer_groups)
+    return layout, *layout_mod.tensor_groups(cfg.inputs, layout)
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32", "float16"])
@@ -99,9 +99,8 @@ def test_pickled_inputs_do_not_resolve(bin_family, tmp_path):
 @pytest.fixture
 def built(family, tmp_path):
     cfg = _cfg(family, tmp_path)
-    layout, planned, groups = _planned(cfg)
-    cache = cache_mod.build(planned, groups, cfg, cache_dir=None, memory_bytes=0)
-    model, _ = load_model(cfg)
+    _, _, _, cache = planned_cache(cfg)
+    model, _ = load_model(cfg.inputs, tasks=cfg.evaluation.tasks)
     return cfg, cache, model
 
 
@@ -170,15 +169,14 @@ def test_cuda_search_equals_mergekit_yaml_cuda(family, tmp_path, gpu_memory_gb):
     from conftest import check, load_tensors, run_tool
 
     cfg = _cfg(family, tmp_path, device="cuda")
-    layout, planned, groups = _planned(cfg)
-    cache = cache_mod.build(planned, groups, cfg, cache_dir=None, memory_bytes=0)
+    layout, _, _, cache = planned_cache(cfg)
     assert cache.device == "cuda"
-    model, _ = load_model(cfg)
+    model, _ = load_model(cfg.inputs, tasks=cfg.evaluation.tasks)
     writer = ModelWriter(model, cache, gpu_memory_gb)
     values = layout_mod.Values((0.137,), 1.2, (1.1, 0.7, 1.3))
     writer.write(values)
     best = tmp_path / "best.yml"
-    best.write_text(yaml.safe_dump(layout_mod.merge_config(cfg, values, layout)))
+    best.write_text(yaml.safe_dump(layout_mod.merge_config(cfg.inputs, values, layout)))
     check(run_tool("mergekit-yaml", best, tmp_path / "merged", "--no-copy-tokenizer", "--cuda"))
     merged = load_tensors(tmp_path / "merged")
     for name, tensor in writer.state().items():
@@ -197,10 +195,19 @@ def test_a_stale_cache_is_removed_and_replaced(family, tmp_path):
     (root / "cache.json").write_text(
         json.dumps({"format": 3, "fingerprint": "x", "tensors": [{"file": "t00000.safetensors"}]})
     )
-    cache = cache_mod.build(planned, groups, cfg, cache_dir=root, memory_bytes=0)
+    cache = cache_mod.build(
+        planned,
+        groups,
+        cfg.inputs,
+        cache_mod.ratio_levels(cfg.search),
+        cache_dir=root,
+        memory_bytes=0,
+    )
     assert not (root / "t00000.safetensors").exists() and (root / "notes.txt").exists()
     assert (root / "statistics.safetensors").exists()
-    reopened = cache_mod.TensorCache.open(root, cache_mod.fingerprint(cfg, groups))
+    reopened = cache_mod.TensorCache.open(
+        root, cache_mod.fingerprint(cfg.inputs, cache_mod.ratio_levels(cfg.search), groups)
+    )
     assert reopened is not None and reopened.names == cache.names
     for a, b in zip(cache.tensors, reopened.tensors, strict=True):
         assert a.sources == b.sources and a.rows == b.rows

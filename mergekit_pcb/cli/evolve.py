@@ -17,7 +17,18 @@ import click
     help="Continue the search in OUT_DIR without re-scoring finished candidates.",
 )
 @click.option("--seed", type=int, default=None, help="Override optimizer.seed.")
-@click.option("--budget", type=int, default=None, help="Override optimizer.budget.")
+@click.option(
+    "--budget",
+    type=int,
+    default=None,
+    help="Override the budget, in candidates (optimizer.budget).",
+)
+@click.option(
+    "--budget-examples",
+    type=int,
+    default=None,
+    help="Override the budget, in examples scored (optimizer.budget_examples).",
+)
 @click.option("--write-model", is_flag=True, help="Also merge the best config into OUT_DIR/model.")
 @click.option(
     "--cache-dir",
@@ -54,6 +65,7 @@ def evolve(
     resume: bool,
     seed: int | None,
     budget: int | None,
+    budget_examples: int | None,
     write_model: bool,
     cache_dir: Path | None,
     cache_memory_gb: float | None,
@@ -65,7 +77,7 @@ def evolve(
     no_progress: bool,
     verbose: bool,
 ) -> None:
-    """Search pcb_ratio, lambda and per-model weights with CMA-ES; write best.yml."""
+    """Search pcb_ratio, lambda and per-model weights on your tasks; write best.yml."""
     from mergekit_pcb.config_errors import one_line
     from mergekit_pcb.evolve.config import EvolveConfigError, load_config
     from mergekit_pcb.evolve.report import format_summary
@@ -78,12 +90,23 @@ def evolve(
     try:
         cfg = load_config(search_yml)
         overrides = {}
-        if seed is not None or budget is not None:
-            opt = cfg.optimizer.model_copy(
-                update={k: v for k, v in (("seed", seed), ("budget", budget)) if v is not None}
+        if budget is not None and budget_examples is not None:
+            raise EvolveConfigError(
+                "--budget-examples: give the budget in candidates (--budget) or in examples "
+                "(--budget-examples), not both"
             )
-            if opt.seed < 0 or opt.budget < 1:
-                raise EvolveConfigError("--seed must be >= 0 and --budget >= 1")
+        if seed is not None or budget is not None or budget_examples is not None:
+            update = {"seed": seed} if seed is not None else {}
+            if budget is not None:  # the command line's unit replaces the YAML's
+                update.update(budget=budget, budget_examples=None)
+            if budget_examples is not None:
+                update.update(budget=None, budget_examples=budget_examples)
+            opt = cfg.optimizer.model_copy(update=update)
+            for name, value in (("--seed", seed), ("--budget", budget)):
+                if value is not None and value < (0 if name == "--seed" else 1):
+                    raise EvolveConfigError(f"{name} must be >= {0 if name == '--seed' else 1}")
+            if budget_examples is not None and budget_examples < 1:
+                raise EvolveConfigError("--budget-examples must be >= 1")
             overrides["optimizer"] = opt
         if cache_dir is not None or cache_memory_gb is not None:
             overrides["cache"] = cfg.cache.model_copy(

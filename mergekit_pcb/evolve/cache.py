@@ -1,4 +1,4 @@
-"""What the search keeps between candidates: a few numbers per row and ratio level.
+"""Step 2 of the search: what it keeps between candidates: a few numbers per row and ratio level.
 
 Steps 1-8 of the spec depend on the inputs and ``clamp_ratio`` only, never on the
 searched ``pcb_ratio``, ``lambda`` or weights; of their n x d results a merge
@@ -56,20 +56,20 @@ def snap_ratio(value: float, low: float, high: float) -> float:
     return min(high, max(low, round(value, RATIO_DECIMALS)))
 
 
-def ratio_levels(cfg) -> tuple[float, ...]:
+def ratio_levels(search) -> tuple[float, ...]:
     """Every pcb_ratio a candidate can have: what :func:`snap_ratio` makes of the
     searched range, and PCB's default (scored as the baseline), ascending."""
-    low, high = cfg.search.range("pcb_ratio")
+    low, high = search.range("pcb_ratio")
     step = 10**RATIO_DECIMALS
     first, last = math.floor(low * step), math.ceil(high * step)
     grid = {snap_ratio(k / step, low, high) for k in range(first, last + 1)}
     return tuple(sorted(grid | {low, high, PCB_RATIO.default}))
 
 
-def searched_ratios(cfg) -> tuple[float, float]:
+def searched_ratios(search) -> tuple[float, float]:
     """The pcb_ratio interval any candidate can use: the searched range and the default
     (always scored, as the baseline)."""
-    low, high = cfg.search.range("pcb_ratio")
+    low, high = search.range("pcb_ratio")
     return min(low, PCB_RATIO.default), max(high, PCB_RATIO.default)
 
 
@@ -78,7 +78,7 @@ class CachedTensor:
     name: str
     group: int
     shape: tuple[int, ...]
-    rows: tuple[int, ...]  # cfg.models index of each row, in the canonical content order
+    rows: tuple[int, ...]  # inputs.models index of each row, in the canonical content order
     unchanged: bool  # no expert changed it: the output is the base (as in the method)
     keys: tuple[tuple[float, float], ...] = ()  # content key of each row (sum, norm)
     clamp_ratio: float = 0.0
@@ -233,29 +233,30 @@ def _stat(path: str) -> list:
     )
 
 
-def _device(cfg) -> str:
+def _device(inputs) -> str:
     """Where statistics are taken and candidates merge: the GPU for a CUDA device."""
-    return "cuda" if torch.device(cfg.device).type == "cuda" else "cpu"
+    return "cuda" if torch.device(inputs.device).type == "cuda" else "cpu"
 
 
-def fingerprint(cfg, groups: list[int]) -> str:
+def fingerprint(inputs, levels: tuple[float, ...], groups: list[int]) -> str:
+    """What the statistics depend on (``inputs``: a :class:`.config.MergeInputs`)."""
     data = {
         "format": FORMAT,
-        "base": [cfg.base_model, _stat(cfg.base_model)],
-        "models": [[m, _stat(m)] for m in cfg.models],
-        "dtype": cfg.dtype,
-        "clamp_ratio": cfg.parameters.clamp_ratio,
+        "base": [inputs.base_model, _stat(inputs.base_model)],
+        "models": [[m, _stat(m)] for m in inputs.models],
+        "dtype": inputs.dtype,
+        "clamp_ratio": inputs.clamp_ratio,
         "groups": groups,
-        "levels": list(ratio_levels(cfg)),
-        "device": _device(cfg),
+        "levels": list(levels),
+        "device": _device(inputs),
     }
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:24]
 
 
-def _non_finite(p: PlannedTensor, cfg, base, experts, error) -> ValueError:
+def _non_finite(p: PlannedTensor, inputs, base, experts, error) -> ValueError:
     """The error for a task vector that is not finite, naming the input at fault."""
-    named = [("base model", cfg.base_model, base)]
-    named += [("model", cfg.models[row], e) for row, e in zip(p.rows, experts, strict=True)]
+    named = [("base model", inputs.base_model, base)]
+    named += [("model", inputs.models[row], e) for row, e in zip(p.rows, experts, strict=True)]
     for role, model, tensor in named:
         bad = int((~torch.isfinite(tensor)).sum())
         if bad:
@@ -298,7 +299,8 @@ def _remove_stale(root: Path) -> None:
 def build(
     planned: list[PlannedTensor],
     groups: list[int],
-    cfg,
+    inputs,
+    levels: tuple[float, ...],
     *,
     cache_dir: Path | None,
     memory_bytes: float,
@@ -313,17 +315,16 @@ def build(
     """
     from safetensors.torch import save_file
 
-    key = fingerprint(cfg, groups)
+    key = fingerprint(inputs, levels, groups)
     if cache_dir is not None and (reuse := TensorCache.open(cache_dir, key)) is not None:
         if progress:  # a complete cache of the same inputs (e.g. on --resume): no re-read
             progress(len(planned))
         return reuse
     if cache_dir is not None:
         _remove_stale(cache_dir)
-    levels = ratio_levels(cfg)
-    device = _device(cfg)
+    device = _device(inputs)
     # On the very GPU the candidates will use (cuda:1 ...): the merge's floats are that device's.
-    compute_on = torch.device(cfg.device) if device == "cuda" else torch.device("cpu")
+    compute_on = torch.device(inputs.device) if device == "cuda" else torch.device("cpu")
     used = 0.0
     tensors = []
     for i, (p, g) in enumerate(zip(planned, groups, strict=True)):
@@ -335,7 +336,7 @@ def build(
             base, experts = p.load_inputs()
         missing = [p.rows[j] for j, e in enumerate(experts) if e is None]
         if base is None or missing:
-            who = "base model" if base is None else f"model {cfg.models[missing[0]]}"
+            who = "base model" if base is None else f"model {inputs.models[missing[0]]}"
             raise ValueError(f"evolve: tensor '{p.name}' is missing from {who}")
         # The kernel's canonical expert order by content only: it does not depend on the
         # searched weights, so one cached order serves all (candidates break ties).
@@ -352,7 +353,7 @@ def build(
                 [kernel.cut_index(d, r) for r in levels],
             )
         except kernel.NonFiniteTaskVector as error:
-            raise _non_finite(p, cfg, base, experts, error) from None
+            raise _non_finite(p, inputs, base, experts, error) from None
         del on_device
         entry = CachedTensor(
             p.name,

@@ -1,6 +1,7 @@
-"""A candidate: search coordinates -> PCB values -> weights written into the loaded model.
+"""Steps 3 and 4 of the search: a candidate's coordinates -> PCB values -> weights
+written into the loaded model.
 
-CMA-ES works in the unit cube (every searched quantity scaled to [0, 1], so one
+Every optimizer works in the unit cube (every searched quantity scaled to [0, 1], so one
 ``sigma`` fits all); fixed quantities are not coordinates at all. ``pcb_ratio``
 is snapped to the cache's levels (:func:`.cache.snap_ratio`), so that its cut is
 known. A candidate's merge recomputes B from the inputs chunk by chunk and
@@ -24,7 +25,7 @@ import torch
 
 from mergekit_pcb import kernel
 from mergekit_pcb.evolve.cache import CachedTensor, TensorCache, snap_ratio
-from mergekit_pcb.evolve.config import EvolveConfig
+from mergekit_pcb.evolve.config import SearchSpace
 from mergekit_pcb.evolve.layout import Values
 from mergekit_pcb.kernel import known_cuts
 
@@ -45,18 +46,19 @@ class Genome:
     fixed: Values  # values used where a quantity is not searched
 
     @classmethod
-    def from_config(cls, cfg: EvolveConfig, groups: int) -> Genome:
+    def of(cls, search: SearchSpace, models: int, groups: int) -> Genome:
+        """The cube of ``search``'s ranges for ``models`` experts and ``groups`` layer groups."""
         coords = []
-        lo, hi = cfg.search.range("pcb_ratio")
+        lo, hi = search.range("pcb_ratio")
         if lo < hi:
             coords += [Coordinate("pcb_ratio", g, lo, hi) for g in range(groups)]
-        lo_l, hi_l = cfg.search.range("lambda")
+        lo_l, hi_l = search.range("lambda")
         if lo_l < hi_l:
             coords.append(Coordinate("lambda", 0, lo_l, hi_l))
-        lo_w, hi_w = cfg.search.range("weight")
+        lo_w, hi_w = search.range("weight")
         if lo_w < hi_w:
-            coords += [Coordinate("weight", i, lo_w, hi_w) for i in range(len(cfg.models))]
-        fixed = Values((lo,) * groups, lo_l, (lo_w,) * len(cfg.models))
+            coords += [Coordinate("weight", i, lo_w, hi_w) for i in range(models)]
+        fixed = Values((lo,) * groups, lo_l, (lo_w,) * models)
         return cls(tuple(coords), fixed)
 
     @property

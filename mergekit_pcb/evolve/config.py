@@ -1,4 +1,5 @@
-"""The search configuration (``SEARCH.yml``), validated completely before any model loads.
+"""Step 1 of the search: its configuration (``SEARCH.yml``), validated completely
+before any model loads.
 
 A search runs for minutes to hours; a typo found after the cache is built wastes
 all of that. So every check that needs no weights happens here: unknown keys
@@ -15,6 +16,7 @@ import json
 import os
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -142,6 +144,10 @@ class TaskSpec(_Strict):
     # The larger split that optimizer.rescore re-ranks the best candidates on.
     rescore_data: str | None = None
     rescore_kwargs: dict[str, Any] | None = None
+    # python: how many examples the function scores (its search split); needed to
+    # count a budget in examples and for optimizer.fidelity (the function then takes
+    # limit=n and scores its first n).
+    examples: int | None = Field(default=None, ge=1)
     lm_eval_tasks: list[str] | None = None
     include_path: str | None = None
     metric: str | None = None
@@ -163,6 +169,11 @@ class TaskSpec(_Strict):
             raise ValueError(
                 f"task '{self.name}': 'kwargs'/'test_kwargs'/'rescore_kwargs' are only for type "
                 "python"
+            )
+        if t != "python" and self.examples is not None:
+            raise ValueError(
+                f"task '{self.name}': 'examples' is only for type python (the others count "
+                "their rows, or lm_eval's limit)"
             )
         if t not in NEEDS_DATA and self.rescore_data:
             raise ValueError(
@@ -245,20 +256,38 @@ class StartPoint(_Strict):
     weight: float | list[float] | None = None
 
 
-class Optimizer(_Strict):
-    """``budget`` counts every scored candidate: the default, ``start``, the sweep, CMA-ES.
+class Fidelity(_Strict):
+    """Successive halving (:mod:`.fidelity`): ``rungs`` slices of every task's search
+    split, each ``eta`` times the one below, the last the whole split; a rung passes
+    the best ``1/eta`` of what it scored to the next. ``rungs: 1``: off."""
 
-    ``rescore`` scores again, on the rescore split, what the search already scored (its
-    ``rescore`` best and the default, which sets the scale), on top of the budget.
+    rungs: int = Field(default=1, ge=1, le=8)
+    eta: int = Field(default=3, ge=2, le=10)
+
+
+OptimizerMethod = Literal["cmaes", "tpe", "gp", "random"]
+
+
+class Optimizer(_Strict):
+    """The search's budget, optimizer and schedule.
+
+    ``budget`` counts every scored candidate: the default, ``start``, the sweep and the
+    optimizer's; ``budget_examples`` instead counts the examples they are scored on
+    (every rung of :class:`Fidelity`). ``rescore`` scores again, on the rescore split,
+    what the search already scored (its ``rescore`` best and the default, which sets
+    the scale), on top of the budget.
     """
 
-    budget: int = Field(default=60, ge=1)
+    method: OptimizerMethod = "cmaes"
+    budget: int | None = Field(default=None, ge=1)
+    budget_examples: int | None = Field(default=None, ge=1)
     popsize: int = Field(default=8, ge=2)
-    sigma: float = Field(default=0.2, gt=0, le=1)
+    sigma: float | None = Field(default=None, gt=0, le=1)
     seed: int = Field(default=0, ge=0)
     start: StartPoint | None = None
-    # [lambda points, pcb_ratio points] of a coarse grid scored before CMA-ES starts.
+    # [lambda points, pcb_ratio points] of a coarse grid scored before the optimizer.
     sweep: list[int] | None = None
+    fidelity: Fidelity = Field(default_factory=Fidelity)
     # After the search, the best `rescore` candidates are scored again on each task's
     # rescore split (more data) and the best there is the result: the best of many
     # candidates on a small split is partly luck (winner's curse). 0: off.
@@ -275,12 +304,19 @@ class Optimizer(_Strict):
         return value
 
     @property
+    def candidates(self) -> int | None:
+        """The budget in candidates (60 when neither budget key is given)."""
+        if self.budget_examples is not None:
+            return None
+        return 60 if self.budget is None else self.budget
+
+    @property
     def sweep_size(self) -> int:
         return self.sweep[0] * self.sweep[1] if self.sweep else 0
 
     @property
     def warmup(self) -> int:
-        """Candidates scored before CMA-ES: the default, the start point, the sweep."""
+        """Candidates scored before the optimizer: the default, the start point, the sweep."""
         return 1 + (self.start is not None) + self.sweep_size
 
 
@@ -290,6 +326,20 @@ class CacheOptions(_Strict):
     dir: str | None = None
     # device: cuda: inputs kept resident on the GPU (default: half its free memory).
     gpu_memory_gb: float | None = Field(default=None, ge=0)
+
+
+@dataclass(frozen=True)
+class MergeInputs:
+    """What the merge and the scored model are made of: the part of the config that
+    planning, the statistics cache and the evaluators read (not the search's settings)."""
+
+    base_model: str
+    models: tuple[str, ...]
+    dtype: str
+    clamp_ratio: float
+    device: str
+    trust_remote_code: bool
+    tokenizer: str | None  # where the tokenizer loads from (None: base_model)
 
 
 class EvolveConfig(_Strict):
@@ -331,11 +381,21 @@ class EvolveConfig(_Strict):
     @model_validator(mode="after")
     def _optimizer_fits(self) -> EvolveConfig:
         opt = self.optimizer
-        if opt.budget < opt.warmup:
+        if opt.budget is not None and opt.budget_examples is not None:
             raise ValueError(
-                f"optimizer.budget: {opt.budget} is less than the {opt.warmup} candidates "
-                "scored before CMA-ES (the default, start and sweep); raise it to at least "
-                f"{opt.warmup}"
+                "optimizer.budget_examples: give the budget in candidates (budget) or in "
+                "examples scored (budget_examples), not both"
+            )
+        if opt.sigma is not None and opt.method != "cmaes":
+            raise ValueError(
+                f"optimizer.sigma: only method cmaes has a step size; method {opt.method} "
+                "takes none"
+            )
+        if opt.candidates is not None and opt.candidates < opt.warmup:
+            raise ValueError(
+                f"optimizer.budget: {opt.candidates} is less than the {opt.warmup} candidates "
+                "scored before the optimizer (the default, start and sweep); raise it to at "
+                f"least {opt.warmup}"
             )
         if opt.sweep:
             for name, points in zip(("lambda", "pcb_ratio"), opt.sweep, strict=True):
@@ -345,11 +405,30 @@ class EvolveConfig(_Strict):
                         f"optimizer.sweep: {points} {name} points, but search.{name} is fixed "
                         f"at {low}; use 1"
                     )
+        # Slices and a budget in examples need each task's size before anything loads.
+        needs = [
+            (key, why)
+            for key, why, on in (
+                ("optimizer.fidelity", "the slices are fractions of it", opt.fidelity.rungs > 1),
+                ("optimizer.budget_examples", "the budget counts it", opt.budget_examples),
+            )
+            if on
+        ]
+        for key, why in needs:
+            for task in self.evaluation.tasks:
+                missing = {"python": task.examples, "lm_eval": task.limit}.get(task.type, 1)
+                if missing is None:
+                    size = "examples: N" if task.type == "python" else "limit"
+                    raise ValueError(
+                        f"{key}: task '{task.name}' ({task.type}) has no '{size}' (how many "
+                        f"examples it scores); {why}"
+                        + (" (its function then takes limit=n)" if task.type == "python" else "")
+                    )
         if opt.rescore:
-            if opt.rescore > opt.budget:
+            if opt.candidates is not None and opt.rescore > opt.candidates:
                 raise ValueError(
-                    f"optimizer.rescore: {opt.rescore} is more than the budget's {opt.budget} "
-                    "candidates"
+                    f"optimizer.rescore: {opt.rescore} is more than the budget's "
+                    f"{opt.candidates} candidates"
                 )
             for task in self.evaluation.tasks:
                 if task.rescore_split is None:
@@ -388,13 +467,30 @@ class EvolveConfig(_Strict):
                     )
         return self
 
+    @property
+    def inputs(self) -> MergeInputs:
+        return MergeInputs(
+            base_model=self.base_model,
+            models=tuple(self.models),
+            dtype=self.dtype,
+            clamp_ratio=self.parameters.clamp_ratio,
+            device=self.device,
+            trust_remote_code=self.trust_remote_code,
+            tokenizer=self.tokenizer,
+        )
+
     def fingerprint(self) -> str:
         """Identifies a search for --resume: everything except the optimizer budget."""
         data = self.model_dump(mode="json", by_alias=True, exclude={"cache"})
         data["optimizer"].pop("budget")
+        data["optimizer"].pop("budget_examples")
+        if data["optimizer"]["sigma"] is None and self.optimizer.method == "cmaes":
+            data["optimizer"]["sigma"] = 0.2  # the step size it had before it was optional
         # Keys added later leave the fingerprints of searches that do not use them unchanged.
         for section, key, unset in (
             (data, "tokenizer", None),
+            (data["optimizer"], "method", "cmaes"),
+            (data["optimizer"], "fidelity", {"rungs": 1, "eta": 3}),
             (data["optimizer"], "start", None),
             (data["optimizer"], "sweep", None),
             (data["optimizer"], "rescore", 0),
@@ -406,6 +502,7 @@ class EvolveConfig(_Strict):
                     ("test_kwargs", None),
                     ("rescore_data", None),
                     ("rescore_kwargs", None),
+                    ("examples", None),
                 )
             ),
         ):
@@ -484,7 +581,7 @@ def load_config(path: os.PathLike, *, check_data: bool = True) -> EvolveConfig:
     )
     if check_data:
         for task in cfg.evaluation.tasks:
-            check_task(task, root)
+            check_task(task, root, sliced=cfg.optimizer.fidelity.rungs > 1)
     return cfg
 
 
@@ -577,8 +674,9 @@ def check_inputs(cfg: EvolveConfig, root: Path | None, *, device: bool = True) -
         check_device(cfg.device)
 
 
-def check_task(task: TaskSpec, root: Path) -> None:
-    """Reads every data line once, so a malformed line fails now, with file and line."""
+def check_task(task: TaskSpec, root: Path, *, sliced: bool = False) -> None:
+    """Reads every data line once, so a malformed line fails now, with file and line;
+    a python task's function must take its kwargs (and ``limit`` when ``sliced``)."""
     if task.type in NEEDS_DATA:
         for key in ("data", "test_data", "rescore_data"):
             if getattr(task, key):
@@ -587,7 +685,8 @@ def check_task(task: TaskSpec, root: Path) -> None:
                 except DataError as exc:
                     raise EvolveConfigError(f"task '{task.name}': {exc}") from None
     elif task.type == "python":
-        _check_call(task, task.function, task.call_kwargs("search"), root)
+        extra = {"limit": 1} if sliced else {}
+        _check_call(task, task.function, {**task.call_kwargs("search"), **extra}, root)
         if task.test_function:
             _check_call(task, task.test_function, task.call_kwargs("test"), root)
         if task.rescore_kwargs is not None:

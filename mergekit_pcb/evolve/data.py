@@ -1,4 +1,5 @@
-"""JSONL task data: read once, each line checked, errors with file and line number."""
+"""Step 1 of the search: JSONL task data, read once, each line checked, errors with
+file and line number."""
 
 from __future__ import annotations
 

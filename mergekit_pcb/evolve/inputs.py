@@ -1,4 +1,5 @@
-"""Where each input tensor of a merge lives on disk, and its memory-mapped view.
+"""Step 2 of the search: where each input tensor of a merge lives on disk, and its
+memory-mapped view.
 
 Why: a candidate recomputes its merge from the inputs (:mod:`.candidate`), so the
 search must read them again and again without holding them. A safetensors file

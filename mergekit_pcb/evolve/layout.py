@@ -1,4 +1,5 @@
-"""Which tensors a merge has, which layer group each belongs to, and the mergekit config.
+"""Step 1 of the search (and best.yml in step 6): which tensors a merge has, which
+layer group each belongs to, and the mergekit config.
 
 The search must score exactly the model that ``mergekit-yaml best.yml`` writes, so
 nothing here guesses mergekit's behaviour: the tensor list, the input names and
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mergekit_pcb import mergekit_internals
-from mergekit_pcb.evolve.config import EvolveConfig, EvolveConfigError
+from mergekit_pcb.evolve.config import EvolveConfigError, MergeInputs
 from mergekit_pcb.parameters import LAMBDA, PCB_RATIO, WEIGHT
 
 
@@ -51,10 +52,10 @@ class Values:
         )
 
 
-def default_values(cfg: EvolveConfig, groups: int) -> Values:
+def default_values(inputs: MergeInputs, groups: int) -> Values:
     """PCB's own defaults for every value: the baseline the search must beat."""
     return Values(
-        (PCB_RATIO.default,) * groups, LAMBDA.default, (WEIGHT.default,) * len(cfg.models)
+        (PCB_RATIO.default,) * groups, LAMBDA.default, (WEIGHT.default,) * len(inputs.models)
     )
 
 
@@ -80,21 +81,21 @@ class Layout:
         return setting
 
 
-def merge_config(cfg: EvolveConfig, values: Values, layout: Layout) -> dict:
+def merge_config(inputs: MergeInputs, values: Values, layout: Layout) -> dict:
     """The plain mergekit config (``best.yml``) for ``values``."""
     return {
         "merge_method": "pcb",
-        "base_model": cfg.base_model,
+        "base_model": inputs.base_model,
         "models": [
             {"model": model, "parameters": {"weight": float(w)}}
-            for model, w in zip(cfg.models, values.weights, strict=True)
+            for model, w in zip(inputs.models, values.weights, strict=True)
         ],
         "parameters": {
             "pcb_ratio": layout.pcb_ratio_setting(values.pcb_ratio),
             "lambda": float(values.lambda_),
-            "clamp_ratio": float(cfg.parameters.clamp_ratio),
+            "clamp_ratio": float(inputs.clamp_ratio),
         },
-        "dtype": cfg.dtype,
+        "dtype": inputs.dtype,
     }
 
 
@@ -103,16 +104,16 @@ def _common_prefix(names: list[str]) -> str:
     return prefix[: prefix.rfind(".") + 1]
 
 
-def build_layout(cfg: EvolveConfig) -> Layout:
+def build_layout(inputs: MergeInputs, groups: int = 1) -> Layout:
     """Layer prefixes and post-weight names from mergekit's architecture description."""
     from mergekit.architecture import ConfiguredModuleArchitecture, get_architecture_info
     from mergekit.common import ModelReference
     from mergekit.config import MergeConfiguration
     from mergekit.options import MergeOptions
 
-    options = MergeOptions(trust_remote_code=cfg.trust_remote_code)
+    options = MergeOptions(trust_remote_code=inputs.trust_remote_code)
     probe = MergeConfiguration.model_validate(
-        merge_config(cfg, default_values(cfg, 1), Layout(1, 1, (), ()))
+        merge_config(inputs, default_values(inputs, 1), Layout(1, 1, (), ()))
     )
     arch = get_architecture_info(probe, options)
     if len(arch.modules) != 1:
@@ -121,12 +122,13 @@ def build_layout(cfg: EvolveConfig) -> Layout:
             "are not supported"
         )
     module = next(iter(arch.modules.values()))
-    base_cfg = ModelReference.parse(cfg.base_model).config(trust_remote_code=cfg.trust_remote_code)
+    base_cfg = ModelReference.parse(inputs.base_model).config(
+        trust_remote_code=inputs.trust_remote_code
+    )
     configured = ConfiguredModuleArchitecture(
         info=module.architecture, config=base_cfg, weight_prefix=module.weight_prefix
     )
     num_layers = configured.num_layers()
-    groups = cfg.search.layer_groups
     if groups > num_layers:
         raise EvolveConfigError(
             f"search.layer_groups: {groups} groups but the model has only {num_layers} layers"
@@ -154,7 +156,7 @@ class PlannedTensor:
     lambda_: float
     clamp_ratio: float
     weights: tuple[float, ...]  # per row of the task vector, in ``rows`` order
-    rows: tuple[int, ...]  # index into cfg.models for each non-base input
+    rows: tuple[int, ...]  # index into inputs.models for each non-base input
 
     def load_inputs(self):
         """(base, experts) exactly as mergekit's GatherTensors would hand them over."""
@@ -165,7 +167,7 @@ class PlannedTensor:
         return base, experts
 
 
-def plan(cfg: EvolveConfig, merge_dict: dict) -> list[PlannedTensor]:
+def plan(inputs: MergeInputs, merge_dict: dict) -> list[PlannedTensor]:
     """Run mergekit's planner on ``merge_dict`` and read back each tensor's parameters."""
     from mergekit.architecture import get_architecture_info
     from mergekit.common import ModelReference
@@ -177,13 +179,15 @@ def plan(cfg: EvolveConfig, merge_dict: dict) -> list[PlannedTensor]:
     import mergekit_pcb
 
     mergekit_pcb.register()
-    options = MergeOptions(trust_remote_code=cfg.trust_remote_code)
+    options = MergeOptions(trust_remote_code=inputs.trust_remote_code)
     LoaderCache().setup(options)
     merge = MergeConfiguration.model_validate(merge_dict)
     arch = get_architecture_info(merge, options)
-    out_cfg = ModelReference.parse(cfg.base_model).config(trust_remote_code=cfg.trust_remote_code)
+    out_cfg = ModelReference.parse(inputs.base_model).config(
+        trust_remote_code=inputs.trust_remote_code
+    )
     planner = MergePlanner(merge, arch, options=options, out_model_config=out_cfg)
-    index = {ModelReference.parse(m): i for i, m in enumerate(cfg.models)}
+    index = {ModelReference.parse(m): i for i, m in enumerate(inputs.models)}
     planned = []
     for weight, task in mergekit_internals.planned_tensors(planner):
         experts = [m for m in task.model_order if m != task.base_model]
@@ -203,24 +207,24 @@ def plan(cfg: EvolveConfig, merge_dict: dict) -> list[PlannedTensor]:
     return planned
 
 
-def tensor_groups(cfg: EvolveConfig, layout: Layout) -> tuple[list[PlannedTensor], list[int]]:
+def tensor_groups(inputs: MergeInputs, layout: Layout) -> tuple[list[PlannedTensor], list[int]]:
     """The planned tensors and each one's layer group, learnt by planning distinct ratios."""
     sentinels = tuple((g + 1) / (layout.groups + 1) for g in range(layout.groups))
-    probe = Values(sentinels, 1.0, (1.0,) * len(cfg.models))
-    planned = plan(cfg, merge_config(cfg, probe, layout))
+    probe = Values(sentinels, 1.0, (1.0,) * len(inputs.models))
+    planned = plan(inputs, merge_config(inputs, probe, layout))
     lookup = {r: g for g, r in enumerate(sentinels)}
     return planned, [lookup[p.pcb_ratio] for p in planned]
 
 
 def check_reproduces(
-    cfg: EvolveConfig,
+    inputs: MergeInputs,
     merge_dict: dict,
     values: Values,
     groups: list[int],
     names: list[str] | None = None,
 ) -> None:
     """Plan ``merge_dict`` again and insist mergekit resolves exactly ``values`` per tensor."""
-    planned = plan(cfg, merge_dict)
+    planned = plan(inputs, merge_dict)
     if names is not None and [p.name for p in planned] != names:
         raise RuntimeError("best.yml plans a different tensor list than the search used")
     for p, g in zip(planned, groups, strict=True):

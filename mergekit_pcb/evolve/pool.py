@@ -1,13 +1,14 @@
-"""Where candidates are scored: in this process, or on Ray actors (:mod:`.ray_pool`)."""
+"""Step 4 of the search: where candidates are scored, in this process or on Ray actors
+(:mod:`.ray_pool`); both take a batch and call ``done`` as each result arrives."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
-from mergekit_pcb.evolve.evaluator import Evaluator
+from mergekit_pcb.evolve.evaluator import Evaluator, Result
 from mergekit_pcb.evolve.layout import Values
 
-Result = tuple[dict[str, float], float]  # raw scores per task, seconds
+Done = Callable[[int, Result], None]
 
 
 class LocalPool:
@@ -18,11 +19,12 @@ class LocalPool:
         self,
         batch: list[Values],
         split: str = "search",
-        done: Callable[[int, Result], None] | None = None,
+        done: Done | None = None,
+        limits: Mapping[str, int] | None = None,
     ) -> list[Result]:
         results = []
         for i, values in enumerate(batch):
-            results.append(self.evaluator.evaluate(values, split))
+            results.append(self.evaluator.evaluate(values, split, limits))
             if done:
                 done(i, results[-1])
         return results

@@ -1,4 +1,4 @@
-"""Scoring a generation's candidates in parallel on Ray actors.
+"""Step 4 of the search: scoring a round's candidates in parallel on Ray actors.
 
 Each actor loads the model once and opens the on-disk statistics cache; the inputs
 are memory-mapped, so actors on one machine share the page cache. Per candidate only
@@ -8,12 +8,13 @@ the values travel. With ``--ray-address`` the cache directory must be visible to
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from mergekit_pcb.evolve.config import EvolveConfig
+from mergekit_pcb.evolve.config import MergeInputs, TaskSpec
+from mergekit_pcb.evolve.evaluator import Result
 from mergekit_pcb.evolve.layout import Values
-from mergekit_pcb.evolve.pool import Result
+from mergekit_pcb.evolve.pool import Done
 
 
 def _ray():
@@ -25,27 +26,40 @@ def _ray():
 
 
 class _Actor:
-    def __init__(self, cfg_json: dict, cache_root: str, key: str, root: str | None, threads: int):
+    def __init__(
+        self,
+        inputs: MergeInputs,
+        tasks: list[dict],
+        gpu_memory_gb: float | None,
+        cache_root: str,
+        key: str,
+        root: str | None,
+        threads: int,
+    ):
         import torch
 
         from mergekit_pcb.evolve.cache import TensorCache
         from mergekit_pcb.evolve.evaluator import Evaluator
 
         torch.set_num_threads(threads)
-        cfg = EvolveConfig.model_validate(cfg_json)
         cache = TensorCache.open(cache_root, key)
         if cache is None:
             raise RuntimeError(f"Ray actor: no complete statistics cache at {cache_root}")
-        self.evaluator = Evaluator(cfg, cache, Path(root) if root else None)
+        specs = [TaskSpec.model_validate(t) for t in tasks]
+        self.evaluator = Evaluator(
+            inputs, specs, cache, Path(root) if root else None, gpu_memory_gb
+        )
 
-    def evaluate(self, values: dict, split: str):
-        return self.evaluator.evaluate(Values.from_json(values), split)
+    def evaluate(self, values: dict, split: str, limits: dict | None):
+        return tuple(self.evaluator.evaluate(Values.from_json(values), split, limits))
 
 
 class RayPool:
     def __init__(
         self,
-        cfg: EvolveConfig,
+        inputs: MergeInputs,
+        tasks: Sequence[TaskSpec],
+        gpu_memory_gb: float | None,
         cache_root: Path,
         key: str,
         root: Path | None,
@@ -64,10 +78,16 @@ class RayPool:
                 ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
         count = actors or max(1, int(ray.cluster_resources().get("CPU", 1)) // threads_per_actor)
         remote = ray.remote(num_cpus=threads_per_actor)(_Actor)
-        payload = cfg.model_dump(mode="json", by_alias=True)
+        payload = [t.model_dump(mode="json", by_alias=True) for t in tasks]
         self.actors = [
             remote.remote(
-                payload, str(cache_root), key, str(root) if root else None, threads_per_actor
+                inputs,
+                payload,
+                gpu_memory_gb,
+                str(cache_root),
+                key,
+                str(root) if root else None,
+                threads_per_actor,
             )
             for _ in range(count)
         ]
@@ -77,11 +97,13 @@ class RayPool:
         self,
         batch: list[Values],
         split: str = "search",
-        done: Callable[[int, Result], None] | None = None,
+        done: Done | None = None,
+        limits: Mapping[str, int] | None = None,
     ) -> list[Result]:
         ray = self.ray
+        sliced = dict(limits) if limits else None
         futures = [
-            self.actors[i % len(self.actors)].evaluate.remote(v.to_json(), split)
+            self.actors[i % len(self.actors)].evaluate.remote(v.to_json(), split, sliced)
             for i, v in enumerate(batch)
         ]
         index = {f: i for i, f in enumerate(futures)}
@@ -91,7 +113,7 @@ class RayPool:
             ready, pending = ray.wait(pending, num_returns=1)
             for f in ready:
                 i = index[f]
-                results[i] = tuple(ray.get(f))
+                results[i] = Result(*ray.get(f))
                 if done:
                     done(i, results[i])
         return results  # type: ignore[return-value]

@@ -1,4 +1,5 @@
-"""What a search leaves behind: history.jsonl, best.yml, report.json, progress.png."""
+"""Step 6 of the search: what it leaves behind (history.jsonl, best.yml, report.json,
+progress.png) and the summary it prints."""
 
 from __future__ import annotations
 
@@ -68,50 +69,51 @@ def write_report(path: Path, report: dict) -> None:
 
 
 def progress_figure(history: History):
-    """Best-so-far (warm-up included) and mean objective per CMA-ES generation; None when
-    matplotlib is missing (one WARNING says so) or nothing was searched yet."""
+    """The best objective on the whole search split so far (the default and warm-up
+    included) against the examples scored (candidates where a task does not count its
+    examples), with every full-split score as a dot; None when matplotlib is missing
+    (one WARNING says so) or nothing was searched yet."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        from matplotlib.ticker import MaxNLocator
     except ImportError:
         LOG.warning(
             "progress.png skipped: matplotlib is not installed (pip install 'mergekit-pcb[plot]')"
         )
         return None
-    gens: dict[int, list[float]] = {}
-    for e in history.entries:
-        if e["kind"] == "search":
-            gens.setdefault(e["generation"], []).append(e["objective"])
-    if not gens:
+    entries = history.entries
+    if not any(e["kind"] == "search" for e in entries):
         return None
-    xs = sorted(gens)
-    best, running = (
-        [],
-        max(  # CMA-ES starts from the best of the default and any warm-up
-            (e["objective"] for e in history.entries if e["kind"] != "search"),
-            default=float("-inf"),
-        ),
-    )
-    for g in xs:
-        running = max(running, max(gens[g]))
-        best.append(running)
-    mean = [sum(gens[g]) / len(gens[g]) for g in xs]
-    per_generation = max(len(v) for v in gens.values())
+    top = max(e.get("rung", 0) for e in entries)
+    by_examples = all(e.get("examples") is not None for e in entries)
+    xs, best, dots, used, running = [], [], [], 0, float("-inf")
+    seen = set()
+    for e in entries:
+        identity = (e["kind"], e["generation"], e["member"])
+        if by_examples:
+            used += e["examples"]
+        elif identity not in seen:
+            used += 1
+        seen.add(identity)
+        if e.get("rung", top) == top:
+            running = max(running, e["objective"])
+            dots.append((used, e["objective"]))
+        if running > float("-inf"):
+            xs.append(used)
+            best.append(running)
+    rounds = len({e["generation"] for e in entries if e["kind"] == "search"})
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(xs, best, marker="o", label="best so far")
-    ax.plot(xs, mean, marker=".", label="generation mean")
+    ax.step(xs, best, where="post", label="best so far (whole search split)")
+    ax.plot(*zip(*dots, strict=True), ".", alpha=0.5, label="scored on the whole split")
     default = history.default()
     if default is not None:
         ax.axhline(default["objective"], color="gray", linestyle="--", label="default config")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_title(
-        f"mergekit-pcb evolve: {len(history.entries)} candidates, {len(xs)} CMA-ES generations"
-    )
-    ax.set_xlabel(f"generation (of {per_generation} candidates)")
-    ax.set_ylabel("objective (task score / default's, weighted mean)")
+    unit = "examples scored" if by_examples else "candidates scored"
+    ax.set_title(f"mergekit-pcb evolve: {len(seen)} candidates, {rounds} rounds")
+    ax.set_xlabel(f"{unit} (the default included)")
+    ax.set_ylabel("objective (1 = the default; higher is better)")
     ax.legend()
     fig.tight_layout()
     return fig
@@ -127,6 +129,32 @@ def plot_progress(path: Path, history: History) -> bool:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return True
+
+
+def _count(n: int | None) -> str:
+    return "an unknown number of" if n is None else f"{n:,}"
+
+
+def _cost_line(report: dict) -> str:
+    """Examples and seconds scored, and the search's own share of its wall time."""
+    cost, budget = report["cost"], report["budget"]
+    search = cost["search"]
+    limit = f" (budget: {budget['limit']:,} {budget['unit']})"
+    line = (
+        f"scored {report['candidates']} candidates on {_count(search['examples'])} examples"
+        f"{limit} in {search['seconds']:.1f} s"
+    )
+    extra = [
+        f"{_count(cost[key])} examples {what}"
+        for key, what in (("rescore_examples", "to rescore"), ("test_examples", "on test"))
+        if report.get("rescore" if key == "rescore_examples" else "test_score_covers")
+    ]
+    if extra:
+        line += f", then {' and '.join(extra)}"
+    return (
+        f"{line}; wall {cost['wall_seconds']:.1f} s, of which {cost['overhead_share']:.0%} "
+        "not scoring (statistics, merges, the optimizer)"
+    )
 
 
 def _number(x: float | None) -> str:
@@ -166,8 +194,9 @@ def format_summary(report: dict, tasks: list, out: Path) -> str:
         a, b, c, d = (_number(v) for v in values)
         lines.append(f"{label:<{width}}  {a:>11} {b:>11}  {c:>11} {d:>11}")
     lines.append(
-        "objective: weighted mean over tasks of score / |default's score| (losses negated), "
-        "so the default's value is fixed by construction; compare best with it"
+        "objective: weighted mean over tasks of 1 + (score - default's) / |default's| on the "
+        "search split (losses: 1 - ...): 1 is the default there; on the test split the "
+        "default's value is what it really scores, in the same units"
     )
     if report.get("tasks_without_test_data"):
         lines.append(
@@ -185,9 +214,10 @@ def format_summary(report: dict, tasks: list, out: Path) -> str:
         )
     names = ["best.yml", "report.json", "history.jsonl", "progress.png", "model"]
     found = [name + ("/" if name == "model" else "") for name in names if (out / name).exists()]
+    lines.append(_cost_line(report))
     lines.append(
-        f"best of {report['candidates']} candidates: {out / 'best.yml'}; "
-        f"files in {out}: {', '.join(found)}"
+        f"best of {report['candidates']} candidates (the default included): "
+        f"{out / 'best.yml'}; files in {out}: {', '.join(found)}"
     )
     if (out / "model").is_dir():
         lines.append(f"next: load the best model from {out / 'model'}")

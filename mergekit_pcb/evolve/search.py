@@ -1,11 +1,12 @@
-"""The search driver: cache once, score the default, run CMA-ES, write the outputs.
+"""The search driver: the six steps of :mod:`mergekit_pcb.evolve`, in order.
 
-Resume: every scored candidate is a flushed line of ``history.jsonl`` with its
-generation, its place in the population and its unit-cube point. ``--resume``
-replays the run through CMA-ES's ask/tell with the recorded points and
-objectives (so CMA's state is what it was), scores only the members a generation
-is still missing, and goes on. The run's fingerprint (``run.json``) must match:
-a resumed run may raise ``optimizer.budget`` but change nothing else.
+Resume: every scoring of a candidate (one rung of one round) is a flushed line of
+``history.jsonl`` with its round (``generation``), its place in the round
+(``member``), its rung and its unit-cube point. ``--resume`` replays the run
+through the optimizer's ask/tell with the recorded points and observations (so its
+state is what it was), scores only what a round is still missing (promotions are a
+pure function of the recorded scores), and goes on. The run's fingerprint
+(``run.json``) must match: a resumed run may raise the budget but change nothing else.
 """
 
 from __future__ import annotations
@@ -14,15 +15,24 @@ import json
 import logging
 import math
 import time
-import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from mergekit_pcb.evolve import layout as layout_mod
+from mergekit_pcb.evolve import optimizers
 from mergekit_pcb.evolve.cache import build as build_cache
 from mergekit_pcb.evolve.cache import fingerprint as cache_fingerprint
+from mergekit_pcb.evolve.cache import ratio_levels
 from mergekit_pcb.evolve.candidate import Genome
-from mergekit_pcb.evolve.config import EvolveConfig, EvolveConfigError, check_inputs
+from mergekit_pcb.evolve.config import (
+    EvolveConfig,
+    EvolveConfigError,
+    Optimizer,
+    SearchSpace,
+    check_inputs,
+)
+from mergekit_pcb.evolve.fidelity import Budget, Schedule, promote, rank_key
+from mergekit_pcb.evolve.layout import Values
 from mergekit_pcb.evolve.objective import Objective
 from mergekit_pcb.evolve.report import (
     HISTORY,
@@ -32,6 +42,7 @@ from mergekit_pcb.evolve.report import (
     write_best_yml,
     write_report,
 )
+from mergekit_pcb.evolve.tasks import search_size
 
 LOG = logging.getLogger("mergekit_pcb.evolve")
 
@@ -48,6 +59,31 @@ class RunOptions:
     root: Path | None = None  # directory of SEARCH.yml, for python task imports
 
 
+@dataclass
+class Clock:
+    """Where a search's wall time goes: the statistics, scoring, merging, the rest."""
+
+    start: float = field(default_factory=time.perf_counter)
+    statistics: float = 0.0
+    scoring: float = 0.0
+    merging: float = 0.0
+
+    def add(self, result) -> None:
+        self.scoring += result.seconds
+        self.merging += result.merge_seconds
+
+    def summary(self) -> dict:
+        wall = time.perf_counter() - self.start
+        return {
+            "wall_seconds": wall,
+            "statistics_seconds": self.statistics,
+            "scoring_seconds": self.scoring,
+            "merge_seconds": self.merging,
+            "overhead_seconds": wall - self.scoring,
+            "overhead_share": (wall - self.scoring) / wall if wall > 0 else 0.0,
+        }
+
+
 def _prepare_out(cfg: EvolveConfig, out: Path, resume: bool) -> History:
     out.mkdir(parents=True, exist_ok=True)
     run_file, history_file = out / RUN, out / HISTORY
@@ -59,7 +95,8 @@ def _prepare_out(cfg: EvolveConfig, out: Path, resume: bool) -> History:
         if previous.get("fingerprint") != key:
             raise EvolveConfigError(
                 f"--resume: {out} was searched with a different config (only "
-                "optimizer.budget may change); start a new OUT_DIR instead"
+                "optimizer.budget or optimizer.budget_examples may change); start a new "
+                "OUT_DIR instead"
             )
     elif history_file.exists() and history_file.stat().st_size > 0:
         raise EvolveConfigError(
@@ -76,7 +113,7 @@ def _prepare_out(cfg: EvolveConfig, out: Path, resume: bool) -> History:
     return History(history_file)
 
 
-def _bar(total: int, initial: int, desc: str, enabled: bool):
+def _bar(total: int, initial: int, desc: str, enabled: bool, unit: str):
     from tqdm.auto import tqdm
 
     return tqdm(
@@ -84,79 +121,113 @@ def _bar(total: int, initial: int, desc: str, enabled: bool):
         initial=initial,
         desc=desc,
         disable=not enabled,
-        unit="cand",
+        unit=unit,
         dynamic_ncols=True,
     )
 
 
+def plan_budget(opt: Optimizer, schedule: Schedule) -> Budget:
+    """Step 1: the budget, checked against what the search scores before the optimizer
+    (one line naming the key when it cannot pay for it)."""
+    if opt.candidates is not None:
+        return Budget("candidates", opt.candidates)
+    full = schedule.examples(schedule.top)
+    warm = opt.warmup - 1
+    need = full + (schedule.round_cost(warm) if warm else 0) + schedule.examples(0)
+    if opt.budget_examples < need:
+        parts = f"the default on the whole search split ({full})"
+        if warm:
+            parts += f", the start and sweep points ({schedule.round_cost(warm)})"
+        raise EvolveConfigError(
+            f"optimizer.budget_examples: {opt.budget_examples} is less than the {need} "
+            f"examples of {parts} and one candidate on the smallest slice "
+            f"({schedule.examples(0)}); raise it to at least {need}"
+        )
+    return Budget("examples", opt.budget_examples)
+
+
 def run_search(cfg: EvolveConfig, out: Path, opts: RunOptions) -> dict:
     """Run (or resume) a search and write every output; returns report.json's content."""
-    with warnings.catch_warnings():  # cma's own note on a missing matplotlib misleads here
-        warnings.filterwarnings("ignore", "Could not import matplotlib", UserWarning)
-        import cma
-
+    clock = Clock()
     out = Path(out)
     from mergekit_pcb.evolve.evaluator import load_tokenizer
 
-    # Whatever the user's input or machine can get wrong fails before OUT_DIR is touched.
+    # 1. Plan. Whatever the user's input or machine can get wrong fails before OUT_DIR
+    # is touched.
     check_inputs(cfg, opts.root, device=not opts.ray_address)
-    load_tokenizer(cfg)
-    layout = layout_mod.build_layout(cfg)
-    planned, groups = layout_mod.tensor_groups(cfg, layout)
-    genome = Genome.from_config(cfg, layout.groups)
+    inputs, tasks, opt = cfg.inputs, tuple(cfg.evaluation.tasks), cfg.optimizer
+    load_tokenizer(inputs, tasks)
+    layout = layout_mod.build_layout(inputs, cfg.search.layer_groups)
+    planned, groups = layout_mod.tensor_groups(inputs, layout)
+    genome = Genome.of(cfg.search, len(inputs.models), layout.groups)
     if genome.dimension == 0:
         raise EvolveConfigError("search: every quantity is fixed; give at least one range")
+    schedule = Schedule(
+        opt.fidelity.rungs, opt.fidelity.eta, {t.name: search_size(t) for t in tasks}
+    )
+    try:
+        schedule.check()
+    except ValueError as exc:
+        raise EvolveConfigError(str(exc)) from None
+    budget = plan_budget(opt, schedule)
 
     history = _prepare_out(cfg, out, opts.resume)
-    for task in cfg.evaluation.tasks:
+    for task in tasks:
         if not task.has_test:
             LOG.warning(
                 "task '%s' has no test_data: its search score is not checked on held-out data",
                 task.name,
             )
 
+    # 2. Cache: the statistics every candidate's merge needs, once.
     cache_dir = Path(cfg.cache.dir) if cfg.cache.dir else out / "cache"
+    levels = ratio_levels(cfg.search)
     t0 = time.perf_counter()
-    with _bar(len(planned), 0, "statistics", opts.progress) as bar:
+    with _bar(len(planned), 0, "statistics", opts.progress, "tensor") as bar:
         cache = build_cache(
             planned,
             groups,
-            cfg,
+            inputs,
+            levels,
             cache_dir=cache_dir,
             memory_bytes=cfg.cache.memory_gb * 1e9,
             force_disk=opts.ray,
             progress=bar.update,
         )
-    LOG.info("took the statistics of %d tensors in %.1f s", len(planned), time.perf_counter() - t0)
+    clock.statistics = time.perf_counter() - t0
+    LOG.info("took the statistics of %d tensors in %.1f s", len(planned), clock.statistics)
     del planned
 
     if opts.ray:
         from mergekit_pcb.evolve.ray_pool import RayPool
 
         pool = RayPool(
-            cfg,
+            inputs,
+            tasks,
+            cfg.cache.gpu_memory_gb,
             cache_dir,
-            cache_fingerprint(cfg, groups),
+            cache_fingerprint(inputs, levels, groups),
             opts.root,
             address=opts.ray_address,
             num_cpus=opts.ray_num_cpus,
             actors=opts.ray_actors,
         )
-        local = None
     else:
         from mergekit_pcb.evolve.evaluator import Evaluator
         from mergekit_pcb.evolve.pool import LocalPool
 
-        local = Evaluator(cfg, cache, opts.root)
-        pool = LocalPool(local)
+        pool = LocalPool(Evaluator(inputs, tasks, cache, opts.root, cfg.cache.gpu_memory_gb))
     try:
-        return _optimise(cfg, out, opts, history, layout, groups, cache, genome, pool, cma)
+        search = _Search(opt, cfg.search, tasks, genome, schedule, budget, history, pool, clock)
+        search.run(layout_mod.default_values(inputs, layout.groups), opts.progress)
+        # 6. Report.
+        return _finish(cfg, out, opts, search, layout, groups, cache.names)
     finally:
         pool.close()
 
 
-def _warmup(cfg: EvolveConfig, genome: Genome, default_values) -> list[tuple[str, int, object]]:
-    """(kind, member, values) scored after the default and before CMA-ES, in order.
+def warmup_points(opt: Optimizer, search: SearchSpace, genome: Genome, default: Values):
+    """(kind, member, values) scored after the default and before the optimizer, in order.
 
     ``optimizer.start`` is one point (unnamed quantities at PCB's defaults);
     ``optimizer.sweep: [a, b]`` is an a x b grid over lambda and pcb_ratio at the
@@ -164,10 +235,7 @@ def _warmup(cfg: EvolveConfig, genome: Genome, default_values) -> list[tuple[str
     with every layer group at one ratio and the weights at the start's values.
     Everything is clipped into the searched ranges.
     """
-    from mergekit_pcb.evolve.layout import Values
-
-    opt = cfg.optimizer
-    base = default_values
+    base = default
     if opt.start is not None:
         weights = opt.start.weight
         if weights is None:
@@ -186,7 +254,7 @@ def _warmup(cfg: EvolveConfig, genome: Genome, default_values) -> list[tuple[str
     if opt.sweep:
 
         def axis(name: str, n: int, at: float) -> list[float]:
-            low, high = cfg.search.range(name)
+            low, high = search.range(name)
             return [at] if n == 1 else [low + (i + 0.5) * (high - low) / n for i in range(n)]
 
         lambdas = axis("lambda", opt.sweep[0], base.lambda_)
@@ -200,102 +268,199 @@ def _warmup(cfg: EvolveConfig, genome: Genome, default_values) -> list[tuple[str
     return points
 
 
-def _optimise(cfg, out, opts, history, layout, groups, cache, genome, pool, cma) -> dict:
-    tasks = cfg.evaluation.tasks
-    default_values = layout_mod.default_values(cfg, layout.groups)
-    default = history.default()
-    if default is None:
-        ((scores, seconds),) = pool.evaluate([default_values])
-        default = {
-            "index": 0,
-            "kind": "default",
-            "generation": -1,
-            "member": 0,
-            "x": genome.encode(default_values),
-            "values": default_values.to_json(),
-            "scores": scores,
-            "seconds": seconds,
+class _Search:
+    """Steps 3-5: propose a round, score it on the rungs' slices, promote; until the
+    budget is spent. Holds the history, so it can resume anywhere in a round."""
+
+    def __init__(self, opt, space, tasks, genome, schedule, budget, history, pool, clock):
+        self.opt, self.space, self.tasks, self.genome = opt, space, tasks, genome
+        self.schedule, self.budget, self.history, self.pool = schedule, budget, history, pool
+        self.clock = clock
+        self.objective: Objective | None = None
+        self.bar = None
+
+    # -- bookkeeping ---------------------------------------------------------------
+    @property
+    def candidates(self) -> int:
+        return len({_identity(e) for e in self.history.entries})
+
+    @property
+    def examples(self) -> int:
+        return sum(e.get("examples") or 0 for e in self.history.entries)
+
+    def _used(self) -> int:
+        return self.candidates if self.budget.unit == "candidates" else self.examples
+
+    def best(self) -> dict:
+        """The best candidate on the whole search split (the last rung), the default
+        included."""
+        return best_of(self.history.entries, self.schedule.top)
+
+    def _record(self, kind, generation, member, rung, x, values, result, round_size) -> dict:
+        new = _identity({"kind": kind, "generation": generation, "member": member}) not in {
+            _identity(e) for e in self.history.entries
         }
-        objective = Objective.from_default(tasks, scores)
-        default["objective"] = objective(scores)
-        history.append(default)
-    objective = Objective.from_default(tasks, default["scores"])
-
-    opt = cfg.optimizer
-    # ``budget`` counts every candidate: what the warm-up does not use, CMA-ES gets.
-    searched = opt.budget - opt.warmup
-    done_before = len(history.entries) - 1
-    with _bar(opt.budget - 1, min(done_before, opt.budget - 1), "search", opts.progress) as bar:
-
-        def record(kind, generation, member, x, values, result):
-            scores, seconds = result
-            history.append(
-                {
-                    "index": len(history.entries),
-                    "kind": kind,
-                    "generation": generation,
-                    "member": member,
-                    "x": x,
-                    "values": values.to_json(),
-                    "scores": scores,
-                    "objective": objective(scores),
-                    "seconds": seconds,
-                }
+        entry = {
+            "index": len(self.history.entries),
+            "kind": kind,
+            "generation": generation,
+            "member": member,
+            "rung": rung,
+            "round_size": round_size,
+            "x": x,
+            "values": values.to_json(),
+            "scores": result.scores,
+            "examples": result.examples,
+            "objective": self.objective(result.scores) if self.objective else None,
+            "seconds": result.seconds,
+            "merge_seconds": result.merge_seconds,
+        }
+        if entry["objective"] is None:  # the default sets the objective's reference
+            self.objective = Objective.from_default(self.tasks, result.scores)
+            entry["objective"] = self.objective(result.scores)
+        self.history.append(entry)
+        self.clock.add(result)
+        if self.bar is not None:
+            self.bar.update(1 if self.budget.unit == "candidates" and new else 0)
+            if self.budget.unit == "examples":
+                self.bar.update(result.examples or 0)
+            other = (
+                f"{self.examples} ex"
+                if self.budget.unit == "candidates"
+                else f"{self.candidates} cand"
             )
-            bar.update(1)
-            bar.set_postfix(best=f"{_best(history)['objective']:.4f}")
+            self.bar.set_postfix_str(f"{other}, best {self.best()['objective']:.4f}")
+        return entry
 
-        warm = _warmup(cfg, genome, default_values)
-        seen = {(e["kind"], e["member"]) for e in history.entries if e["generation"] == -1}
-        todo = [(k, m, v) for k, m, v in warm if (k, m) not in seen]
-        if todo:
-            pool.evaluate(
-                [v for _, _, v in todo],
-                "search",
-                lambda i, result: record(
-                    todo[i][0], -1, todo[i][1], genome.encode(todo[i][2]), todo[i][2], result
-                ),
+    # -- steps 4 and 5: one round through the rungs ---------------------------------
+    def score_round(self, generation: int, members: list[tuple[str, int, list, Values]]):
+        """Score ``members`` ((kind, member, x, values)) on rung 0, promote the best to
+        the next rung, and so on; return each member's objective per rung reached."""
+        recorded = {
+            (e["kind"], e["member"], e.get("rung", self.schedule.top)): e
+            for e in self.history.entries
+            if e["generation"] == generation and e["kind"] != "default"
+        }
+        k = len(members)
+        counts = self.schedule.survivors(k)
+        observations: list[list[float]] = [[] for _ in members]
+        alive = list(range(k))
+        for rung in range(self.schedule.rungs):
+            if rung:
+                alive = sorted(promote([(i, observations[i][-1]) for i in alive], counts[rung]))
+            todo = []
+            for i in alive:
+                kind, member, _, _ = members[i]
+                entry = recorded.get((kind, member, rung))
+                if entry is not None:
+                    observations[i].append(entry["objective"])
+                else:
+                    todo.append(i)
+            if not todo:
+                continue
+
+            def done(j, result, todo=todo, rung=rung):
+                kind, member, x, values = members[todo[j]]
+                entry = self._record(kind, generation, member, rung, x, values, result, k)
+                observations[todo[j]].append(entry["objective"])
+
+            self.pool.evaluate(
+                [members[i][3] for i in todo], "search", done, self.schedule.limits(rung)
             )
-        # CMA-ES starts at the best warm-up candidate (the default when there is none).
-        start = max(
-            (e for e in history.entries if e["generation"] == -1), key=lambda e: e["objective"]
-        )
-        es = cma.CMAEvolutionStrategy(
-            genome.encode(layout_mod.Values.from_json(start["values"])),
-            opt.sigma,
-            {"bounds": [0, 1], "popsize": opt.popsize, "seed": opt.seed + 1, "verbose": -9},
-        )
-        g = 0
-        while g * opt.popsize < searched:
-            # The last generation may be partial (budget is exact); CMA-ES is not told it.
-            size = min(opt.popsize, searched - g * opt.popsize)
-            xs = [list(map(float, x)) for x in es.ask()]
-            recorded = history.generation(g)
-            for member, entry in recorded.items():
-                xs[member] = entry["x"]  # replay: CMA is told exactly what was scored
-            missing = [m for m in range(size) if m not in recorded]
-            batch = [genome.decode(xs[m]) for m in missing]
-            if batch:
-                pool.evaluate(
-                    batch,
-                    "search",
-                    lambda i, result, g=g, missing=missing, batch=batch, xs=xs: record(
-                        "search", g, missing[i], xs[missing[i]], batch[i], result
-                    ),
+        return observations
+
+    def _round_size(self, generation: int) -> int:
+        """A round's size: what the budget left pays for, or, for a round that began
+        before a resume with a larger budget, the size it was planned with (its
+        promotions were decided among those members)."""
+        if self.schedule.rungs > 1:
+            sizes = {
+                e["round_size"]
+                for e in self.history.entries
+                if e["generation"] == generation and e["kind"] == "search" and "round_size" in e
+            }
+            if sizes:
+                return sizes.pop()
+        # What the budget left before this round (a resumed round already used some).
+        mine = [
+            e
+            for e in self.history.entries
+            if e["kind"] == "search" and e["generation"] == generation
+        ]
+        left = self.budget.remaining(self.candidates, self.examples)
+        if self.budget.unit == "candidates":
+            left += len({e["member"] for e in mine})
+        else:
+            left += sum(e.get("examples") or 0 for e in mine)
+        return self.budget.round_size(self.schedule, self.opt.popsize, left)
+
+    # -- the whole search ------------------------------------------------------------
+    def run(self, default_values: Values, progress: bool) -> None:
+        top, genome = self.schedule.top, self.genome
+        total = self.budget.limit
+        with _bar(
+            total, min(self._used(), total), "search", progress, _UNITS[self.budget.unit]
+        ) as bar:
+            default = self.history.default()
+            if default is None:
+                # The reference: PCB's defaults on the whole search split.
+                (result,) = self.pool.evaluate(
+                    [default_values], "search", None, self.schedule.limits(top)
                 )
-            if size == opt.popsize:
-                fitness = {e["member"]: e["objective"] for e in history.generation(g).values()}
-                es.tell(list(xs), [-fitness[m] for m in range(opt.popsize)])
-            g += 1
-    return _finish(cfg, out, opts, history, layout, groups, cache, objective, default, pool)
+                self.bar = bar
+                x0 = genome.encode(default_values)
+                default = self._record("default", -1, 0, top, x0, default_values, result, 1)
+            else:
+                self.objective = Objective.from_default(self.tasks, default["scores"])
+                self.bar = bar
+            bar.set_postfix_str(f"best {self.best()['objective']:.4f}")
+
+            warm = warmup_points(self.opt, self.space, genome, default_values)
+            members = [(k, m, genome.encode(v), v) for k, m, v in warm]
+            observed = self.score_round(-1, members) if members else []
+            # The optimizer starts at the best point so far: the default or a warm-up one.
+            default_obs = [None] * top + [default["objective"]]
+            scored = [(default["x"], default_obs)]
+            scored += [(x, o) for (_, _, x, _), o in zip(members, observed, strict=True)]
+            x0 = max(scored, key=lambda pair: rank_key(pair[1]))[0]
+            self.optimizer = optimizers.make(
+                self.opt.method,
+                genome.dimension,
+                seed=self.opt.seed,
+                popsize=self.opt.popsize,
+                rungs=self.schedule.rungs,
+                sigma=self.opt.sigma,
+            )
+            self.optimizer.start(x0, scored)
+            g = 0
+            while (k := self._round_size(g)) >= 1:
+                xs = self.optimizer.ask(k)
+                for e in self.history.entries:
+                    if e["kind"] == "search" and e["generation"] == g and e["member"] < k:
+                        xs[e["member"]] = e["x"]  # replay: told exactly what was scored
+                members = [("search", m, xs[m], genome.decode(xs[m])) for m in range(k)]
+                observed = self.score_round(g, members)
+                if k == self.opt.popsize:  # a partial round is never told
+                    self.optimizer.tell(xs, observed)
+                g += 1
+            self.bar = None
 
 
-def _best(history: History) -> dict:
-    """The highest objective among all scored candidates, the default included."""
-    return max(history.entries, key=lambda e: e["objective"])
+_UNITS = {"candidates": "cand", "examples": "ex"}
 
 
-def _rescore(cfg, history: History, default: dict, pool) -> tuple[dict, dict | None]:
+def _identity(entry: dict) -> tuple:
+    return (entry["kind"], entry["generation"], entry["member"])
+
+
+def best_of(entries: list[dict], top: int) -> dict:
+    """The highest objective among candidates scored on the last rung (the whole search
+    split), the default included; the first on ties."""
+    full = [e for e in entries if e.get("rung", top) == top]
+    return max(full, key=lambda e: e["objective"])
+
+
+def _rescore(cfg, search: _Search, default: dict) -> tuple[dict, dict | None]:
     """The result of the search: the best candidate, or with ``optimizer.rescore: k`` the
     best on the rescore split of the search's k best (ties: the better on the search).
 
@@ -303,15 +468,17 @@ def _rescore(cfg, history: History, default: dict, pool) -> tuple[dict, dict | N
     biased up (winner's curse); scoring a few finalists on more examples ranks them by
     a score their selection did not use. The default is scored there too, for the scale.
     """
-    from mergekit_pcb.evolve.layout import Values
-
     k = cfg.optimizer.rescore
     if not k:
-        return _best(history), None
-    ranked = sorted(history.entries, key=lambda e: e["objective"], reverse=True)[:k]
+        return search.best(), None
+    top = search.schedule.top
+    full = [e for e in search.history.entries if e.get("rung", top) == top]
+    ranked = sorted(full, key=lambda e: e["objective"], reverse=True)[:k]
     batch = [default] + [e for e in ranked if e is not default]
-    results = pool.evaluate([Values.from_json(e["values"]) for e in batch], "rescore")
-    scores = {e["index"]: result[0] for e, result in zip(batch, results, strict=True)}
+    results = search.pool.evaluate([Values.from_json(e["values"]) for e in batch], "rescore")
+    for result in results:
+        search.clock.add(result)
+    scores = {e["index"]: result.scores for e, result in zip(batch, results, strict=True)}
     objective = Objective.from_default(cfg.evaluation.tasks, scores[default["index"]])
     rows = [
         {
@@ -336,34 +503,75 @@ def _rescore(cfg, history: History, default: dict, pool) -> tuple[dict, dict | N
         "default_scores": scores[default["index"]],
         "candidates": rows,
         "best_index": chosen["index"],
+        "examples": _total([r.examples for r in results]),
     }
-    return next(e for e in history.entries if e["index"] == chosen["index"]), info
+    return next(e for e in search.history.entries if e["index"] == chosen["index"]), info
 
 
-def _finish(cfg, out, opts, history, layout, groups, cache, objective, default, pool) -> dict:
-    from mergekit_pcb.evolve.layout import Values, check_reproduces, merge_config
+def _total(counts) -> int | None:
+    counts = list(counts)
+    return None if any(c is None for c in counts) else sum(counts)
 
-    best, rescored = _rescore(cfg, history, default, pool)
+
+def cost_of(history: History, top: int) -> dict:
+    """What the search scored: candidates (the default included), scorings (one per rung
+    a candidate reached), examples and seconds, in total and per candidate."""
+    per: dict[tuple, dict] = {}
+    for e in history.entries:
+        row = per.setdefault(
+            _identity(e),
+            {"index": e["index"], "kind": e["kind"], "rungs": 0, "examples": 0, "seconds": 0.0},
+        )
+        row["rungs"] += 1
+        row["examples"] = (
+            None
+            if row["examples"] is None or e.get("examples") is None
+            else (row["examples"] + e["examples"])
+        )
+        row["seconds"] += e["seconds"]
+        row["reached"] = e.get("rung", top)
+    rows = list(per.values())
+    return {
+        "candidates": len(rows),
+        "scorings": len(history.entries),
+        "examples": _total(r["examples"] for r in rows),
+        "seconds": sum(r["seconds"] for r in rows),
+        "per_candidate": rows,
+    }
+
+
+def _finish(cfg, out, opts, search: _Search, layout, groups, names) -> dict:
+    from mergekit_pcb.evolve.layout import check_reproduces, merge_config
+
+    history, top = search.history, search.schedule.top
+    default = history.default()
+    best, rescored = _rescore(cfg, search, default)
     best_values = Values.from_json(best["values"])
     default_values = Values.from_json(default["values"])
     tasks = cfg.evaluation.tasks
     with_test = [t for t in tasks if t.has_test]
     without_test = [t.name for t in tasks if not t.has_test]
 
-    test_default, test_best = None, None
+    test_default, test_best, test_examples = None, None, None
     default_test_score = best_test_score = None
     if with_test:
-        (test_default, _), (test_best, _) = pool.evaluate([default_values, best_values], "test")
-        test_objective = Objective.from_default(with_test, test_default)
+        results = search.pool.evaluate([default_values, best_values], "test")
+        for result in results:
+            search.clock.add(result)
+        (test_default, test_best) = (r.scores for r in results)
+        test_examples = _total(r.examples for r in results)
+        # The search split's reference: the default's test value is a real number.
+        test_objective = Objective.from_default(with_test, default["scores"])
         default_test_score = test_objective(test_default)
         best_test_score = test_objective(test_best)
 
-    merge_dict = merge_config(cfg, best_values, layout)
-    check_reproduces(cfg, merge_dict, best_values, groups, cache.names)
+    merge_dict = merge_config(cfg.inputs, best_values, layout)
+    check_reproduces(cfg.inputs, merge_dict, best_values, groups, names)
+    cost = cost_of(history, top)
     write_best_yml(
         out / "best.yml",
         merge_dict,
-        f"mergekit-pcb evolve: best of {len(history.entries)} candidates, "
+        f"mergekit-pcb evolve: best of {cost['candidates']} candidates (the default included), "
         f"objective {best['objective']:.6g} (default {default['objective']:.6g})",
     )
     report = {
@@ -371,11 +579,31 @@ def _finish(cfg, out, opts, history, layout, groups, cache, objective, default, 
         "best_score": best["objective"],
         "default_test_score": default_test_score,
         "best_test_score": best_test_score,
-        "objective": "weighted mean over tasks of sign * score / max(|default score|, floor);"
-        " loss enters negated; higher is better",
+        "objective": "weighted mean over tasks of 1 + sign * (score - default's score on the "
+        "search split) / max(|default's score|, floor); sign -1 for losses and "
+        "higher_is_better: false; 1 = the default on the search split; higher is better",
         "best_values": best["values"],
         "best_index": best["index"],
-        "candidates": len(history.entries),
+        "candidates": cost["candidates"],
+        "examples_scored": cost["examples"],
+        "budget": {
+            "unit": search.budget.unit,
+            "limit": search.budget.limit,
+            "used": cost["candidates"] if search.budget.unit == "candidates" else cost["examples"],
+        },
+        "optimizer": cfg.optimizer.method,
+        "fidelity": {
+            "rungs": search.schedule.rungs,
+            "eta": search.schedule.eta,
+            "examples_per_candidate": [search.schedule.examples(r) for r in range(top + 1)],
+        },
+        "cost": {
+            "search": {k: v for k, v in cost.items() if k != "per_candidate"},
+            "rescore_examples": rescored["examples"] if rescored else None,
+            "test_examples": test_examples,
+            **search.clock.summary(),
+        },
+        "per_candidate": cost["per_candidate"],
         "tasks": {
             t.name: {
                 "type": t.type,
@@ -404,7 +632,6 @@ def _finish(cfg, out, opts, history, layout, groups, cache, objective, default, 
             "not checked on held-out data and the test scores leave them out"
         )
         LOG.warning(report["warning"])
-    write_report(out / "report.json", report)
     plot_progress(out / "progress.png", history)
     LOG.info(
         "default %.6g -> best %.6g on the search split; test: %s -> %s",
@@ -414,7 +641,9 @@ def _finish(cfg, out, opts, history, layout, groups, cache, objective, default, 
         _fmt(best_test_score),
     )
     if opts.write_model:
-        write_model(out / "best.yml", out / "model", cfg)
+        write_model(out / "best.yml", out / "model", cfg.inputs)
+    report["cost"].update(search.clock.summary())  # the whole run, the report's own work too
+    write_report(out / "report.json", report)
     return report
 
 
@@ -422,7 +651,7 @@ def _fmt(x: float | None) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.6g}"
 
 
-def write_model(best_yml: Path, model_dir: Path, cfg: EvolveConfig) -> None:
+def write_model(best_yml: Path, model_dir: Path, inputs) -> None:
     """The best model, written by mergekit itself from best.yml (not from our cache)."""
     import yaml
     from mergekit.config import MergeConfiguration
@@ -436,5 +665,5 @@ def write_model(best_yml: Path, model_dir: Path, cfg: EvolveConfig) -> None:
     run_merge(
         merge,
         str(model_dir),
-        MergeOptions(trust_remote_code=cfg.trust_remote_code, quiet=True, copy_tokenizer=True),
+        MergeOptions(trust_remote_code=inputs.trust_remote_code, quiet=True, copy_tokenizer=True),
     )

@@ -1,8 +1,11 @@
-"""Scoring a loaded model on one task split; data is tokenised once per scorer.
+"""Step 4 of the search: scoring a loaded model on one task split, or on its first
+``limit`` examples (a fidelity slice, :mod:`.fidelity`); data is tokenised once per scorer.
 
-Each scorer is ``scorer(model) -> float`` on raw scale (loss in nats per token,
-accuracy in [0, 1], or whatever a ``python``/``lm_eval`` task returns); the
-objective decides direction and normalisation (:mod:`.objective`).
+Each scorer is ``scorer(model) -> Scored(score, examples)``: the score on raw scale
+(loss in nats per token, accuracy in [0, 1], or whatever a ``python``/``lm_eval``
+task returns) and how many examples it took (the search's currency; None where a
+``python`` task does not say). The objective decides direction and normalisation
+(:mod:`.objective`).
 """
 
 from __future__ import annotations
@@ -10,13 +13,20 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
 from mergekit_pcb.evolve.config import TaskSpec, import_target
 from mergekit_pcb.evolve.data import read_jsonl
 
-Scorer = Callable[[object], float]
+
+class Scored(NamedTuple):
+    score: float
+    examples: int | None
+
+
+Scorer = Callable[[object], Scored]  # what make_scorer returns
 
 
 def _ids(tokenizer, text: str, *, bos: bool) -> list[int]:
@@ -166,15 +176,19 @@ def lm_eval_scorer(spec: TaskSpec, tokenizer, model, limit: int | None) -> Score
     if manager is None:
         manager = TaskManager(include_path=spec.include_path)
 
-    def score(_model) -> float:
-        result = simple_evaluate(
+    def score(_model) -> Scored:
+        output = simple_evaluate(
             model=lm,
             tasks=list(spec.lm_eval_tasks),
             task_manager=manager,
             limit=limit,
             log_samples=False,
             verbosity="ERROR",
-        )["results"]
+        )
+        result = output["results"]
+        samples = output.get("n-samples", {})
+        counted = [samples.get(name, {}).get("effective") for name in spec.lm_eval_tasks]
+        examples = sum(counted) if all(isinstance(n, int) for n in counted) else None
         values = []
         for name in spec.lm_eval_tasks:
             metrics = result[name]
@@ -188,20 +202,29 @@ def lm_eval_scorer(spec: TaskSpec, tokenizer, model, limit: int | None) -> Score
                     f"{', '.join(k for k in metrics if ',' in k)}"
                 )
             values.append(float(metrics[key]))
-        return sum(values) / len(values)
+        return Scored(sum(values) / len(values), examples)
 
     return score
 
 
-def make_scorer(spec: TaskSpec, split: str, model, tokenizer, root: Path | None) -> Scorer:
+def make_scorer(
+    spec: TaskSpec, split: str, model, tokenizer, root: Path | None, limit: int | None = None
+) -> Scorer:
     """The scorer of ``spec`` on ``split``: 'search', 'test' or 'rescore' (``rescore_data``,
-    else the whole ``data`` file: ``limit`` applies to the search split only)."""
+    else the whole ``data`` file: ``limit`` applies to the search split only). ``limit``
+    (search split only): its first ``limit`` examples, a fidelity slice; a ``python``
+    task's function gets it as ``limit=``."""
     if spec.type == "python":
         fn = import_target(spec.test_function if split == "test" else spec.function, root)
         kwargs = spec.call_kwargs(split)
-        return lambda m: float(fn(m, tokenizer, **kwargs))
+        examples = spec.examples if split == "search" else None
+        if limit is not None:
+            kwargs, examples = {**kwargs, "limit": limit}, limit
+        return lambda m: Scored(float(fn(m, tokenizer, **kwargs)), examples)
     if spec.type == "lm_eval":
-        return lm_eval_scorer(spec, tokenizer, model, None if split == "rescore" else spec.limit)
+        if split == "rescore":
+            return lm_eval_scorer(spec, tokenizer, model, None)
+        return lm_eval_scorer(spec, tokenizer, model, limit or spec.limit)
     if split == "rescore":
         path = spec.rescore_data or spec.data
     else:
@@ -209,11 +232,26 @@ def make_scorer(spec: TaskSpec, split: str, model, tokenizer, root: Path | None)
     rows = read_jsonl(path, spec.type)
     if spec.limit and split != "rescore":
         rows = rows[: spec.limit]
+    if limit is not None:
+        rows = rows[:limit]
     if spec.type == "loss":
-        return loss_scorer(rows, tokenizer, spec.batch_size)
-    if spec.type == "exact_match":
-        return exact_match_scorer(rows, tokenizer, spec.batch_size, spec.max_new_tokens)
-    return choice_scorer(rows, tokenizer, spec.batch_size)
+        scorer = loss_scorer(rows, tokenizer, spec.batch_size)
+    elif spec.type == "exact_match":
+        scorer = exact_match_scorer(rows, tokenizer, spec.batch_size, spec.max_new_tokens)
+    else:
+        scorer = choice_scorer(rows, tokenizer, spec.batch_size)
+    return lambda m: Scored(scorer(m), len(rows))
+
+
+def search_size(spec: TaskSpec) -> int | None:
+    """Examples in ``spec``'s search split, known before any model loads (lm_eval: its
+    ``limit`` for each of its tasks, an upper bound; python: its ``examples`` key)."""
+    if spec.type == "python":
+        return spec.examples
+    if spec.type == "lm_eval":
+        return spec.limit * len(spec.lm_eval_tasks) if spec.limit else None
+    rows = read_jsonl(spec.data, spec.type)
+    return len(rows[: spec.limit] if spec.limit else rows)
 
 
 def checked(name: str, value: float) -> float:
