@@ -58,6 +58,8 @@ class Method:
     # For via="evolve": the run (budget as a multiple of the grid's examples scored,
     # optimizer, fidelity, label-free).
     search: _quality_evolve.EvolveSpec = field(default_factory=_quality_evolve.EvolveSpec)
+    # False: left out of --quick (the test suite's run), to keep it short.
+    quick: bool = True
 
 
 METHODS: tuple[Method, ...] = (
@@ -75,17 +77,24 @@ METHODS: tuple[Method, ...] = (
         via="run_merge",
     ),
     *(
-        Method(label, "pcb", via="evolve", available=_quality_evolve.available, search=spec)
-        for label, spec in (
-            ("pcb + evolve", _quality_evolve.EvolveSpec()),
-            ("pcb + evolve (1/3 budget)", _quality_evolve.EvolveSpec(factor=1 / 3)),
-            ("pcb + evolve (4x)", _quality_evolve.EvolveSpec(factor=4)),
+        Method(
+            label,
+            "pcb",
+            via="evolve",
+            available=_quality_evolve.available,
+            search=spec,
+            quick=quick,
+        )
+        for label, spec, quick in (
+            ("pcb + evolve", _quality_evolve.EvolveSpec(), True),
+            ("pcb + evolve (1/3 budget)", _quality_evolve.EvolveSpec(factor=1 / 3), True),
+            ("pcb + evolve (4x)", _quality_evolve.EvolveSpec(factor=4), False),
             # The optimizers at the grid's examples, each with the same schedule; and the
             # default without the schedule (every candidate on the whole split).
-            ("pcb + evolve (cmaes)", _quality_evolve.EvolveSpec(method="cmaes")),
-            ("pcb + evolve (tpe)", _quality_evolve.EvolveSpec(method="tpe")),
-            ("pcb + evolve (random)", _quality_evolve.EvolveSpec(method="random")),
-            ("pcb + evolve (one fidelity)", _quality_evolve.EvolveSpec(rungs=1)),
+            ("pcb + evolve (cmaes)", _quality_evolve.EvolveSpec(method="cmaes"), False),
+            ("pcb + evolve (tpe)", _quality_evolve.EvolveSpec(method="tpe"), False),
+            ("pcb + evolve (random)", _quality_evolve.EvolveSpec(method="random"), False),
+            ("pcb + evolve (one fidelity)", _quality_evolve.EvolveSpec(rungs=1), False),
         )
     ),
     Method(

@@ -561,7 +561,7 @@ def main(
         result = run(
             regime,
             target,
-            METHODS,
+            tuple(m for m in METHODS if m.quick or not quick),
             log=lambda msg: click.echo(msg, err=True),
             reuse_seeds=reuse_seeds,
         )

@@ -313,3 +313,28 @@ def test_command_line_overrides_are_validated(tmp_path, good):
     assert "command-line options: config: optimizer.budget: 3 is less than" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_lambda_auto_is_a_fixed_search_value_or_a_clear_error(tmp_path, good):
+    """search.lambda: auto (issue 22's per-tensor scale) is fixed, never searched; a version
+    of pcb without lambda: auto refuses it in one line naming the key."""
+    from mergekit_pcb.evolve.candidate import Genome
+    from mergekit_pcb.evolve.config import auto_lambda_available
+    from mergekit_pcb.evolve.layout import Layout, merge_config
+
+    auto = {**good, "search": {**good["search"], "lambda": "auto"}}
+    start = {**good, "optimizer": {"start": {"lambda": "auto"}}}
+    if not auto_lambda_available():
+        assert "search.lambda: auto needs pcb's own lambda: auto" in _error(tmp_path, auto)
+        assert "optimizer.start.lambda: auto needs" in _error(tmp_path, start)
+        return
+    cfg = load_config(_write(tmp_path, auto))
+    genome = Genome.of(cfg.search, 2, 1)
+    assert [c.kind for c in genome.coordinates] == ["pcb_ratio"]  # weights fixed at 1.0
+    values = genome.decode([0.5])
+    assert values.lambda_ == "auto"
+    assert merge_config(cfg.inputs, values, Layout(1, 1, (), ()))["parameters"]["lambda"] == "auto"
+    swept = {**auto, "optimizer": {"sweep": [2, 2]}}
+    assert "optimizer.sweep: 2 lambda points, but search.lambda is fixed at auto" in _error(
+        tmp_path, swept
+    )

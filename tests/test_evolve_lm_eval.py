@@ -59,7 +59,9 @@ def test_lm_eval_local_task_offline(tmp_path, monkeypatch):
     for name, path in (("expert", fam["experts"][0]), ("base", fam["base"])):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
         tok = AutoTokenizer.from_pretrained(path)
-        scores[name] = lm_eval_scorer(spec, tok, model, None)(model)
+        scored = lm_eval_scorer(spec, tok, model, None)(model)
+        assert scored.examples == len(rows)  # lm-eval's own count of the documents
+        scores[name] = scored.score
         if name == "expert":  # our own log-likelihood chooser agrees
             assert scores[name] == pytest.approx(choice_scorer(rows, tok, 8)(model))
     assert scores["expert"] > scores["base"]

@@ -311,7 +311,10 @@ def test_cli_without_matplotlib_warns_once_and_prints_the_summary(toy, tmp_path)
             scores["best_test"],
         )
     assert lines[-2] == (
-        f"best of 4 candidates: {out / 'best.yml'}; files in {out}: best.yml, report.json, "
-        "history.jsonl"
+        f"best of 4 candidates (the default included): {out / 'best.yml'}; files in {out}: "
+        "best.yml, report.json, history.jsonl"
+    )
+    assert lines[-3].startswith(
+        f"scored 4 candidates on {report['examples_scored']:,} examples (budget: 4 candidates)"
     )
     assert lines[-1] == f"next: mergekit-yaml {out / 'best.yml'} ./merged  (the model it scored)"

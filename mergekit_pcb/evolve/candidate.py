@@ -52,8 +52,11 @@ class Genome:
         lo, hi = search.range("pcb_ratio")
         if lo < hi:
             coords += [Coordinate("pcb_ratio", g, lo, hi) for g in range(groups)]
-        lo_l, hi_l = search.range("lambda")
-        if lo_l < hi_l:
+        if search.lambda_auto:  # fixed: pcb's own per-tensor scale
+            lo_l = hi_l = search.lambda_
+        else:
+            lo_l, hi_l = search.range("lambda")
+        if lo_l != hi_l:
             coords.append(Coordinate("lambda", 0, lo_l, hi_l))
         lo_w, hi_w = search.range("weight")
         if lo_w < hi_w:

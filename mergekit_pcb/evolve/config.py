@@ -88,21 +88,56 @@ def _range(name: str, value: Any) -> tuple[float, float]:
     return low, high
 
 
+AUTO = "auto"  # lambda: auto (issue 22): pcb chooses the scale per tensor itself
+
+
+def auto_lambda_available() -> bool:
+    """Whether this version's pcb takes ``lambda: auto`` (the seam for issue 22: the search
+    passes ``auto`` to mergekit's config and to the kernel exactly as pcb reads it)."""
+    try:
+        return LAMBDA.check(AUTO) == AUTO
+    except ValueError:
+        return False
+
+
+def _check_auto(key: str) -> None:
+    if not auto_lambda_available():
+        raise ValueError(
+            f"{key}: auto needs pcb's own lambda: auto (issue 22), which this version of "
+            "mergekit-pcb does not have yet; allowed here: a number or [low, high]"
+        )
+
+
 class SearchSpace(_Strict):
     pcb_ratio: RangeOrFixed = Field(default_factory=lambda: [0.02, 0.5])
+    # A range, a fixed number, or auto (fixed: pcb's own per-tensor scale, not searched).
     lambda_: RangeOrFixed = Field(default_factory=lambda: [0.5, 2.0], alias="lambda")
     weight: RangeOrFixed = Field(default_factory=lambda: [0.8, 1.3])
     layer_groups: int = Field(default=1, ge=1)
 
     @model_validator(mode="after")
     def _ranges(self) -> SearchSpace:
+        if self.lambda_auto:
+            _check_auto("search.lambda")
         for name in ("pcb_ratio", "lambda", "weight"):
-            self.range(name)
+            if not (name == "lambda" and self.lambda_auto):
+                self.range(name)
         return self
 
+    @property
+    def lambda_auto(self) -> bool:
+        return self.lambda_ == AUTO
+
     def range(self, name: str) -> tuple[float, float]:
+        """(low, high) of a searched quantity; low == high when it is fixed (for
+        ``lambda: auto`` see :attr:`lambda_auto`: it has no numeric range)."""
+        if name == "lambda" and self.lambda_auto:
+            raise ValueError("search.lambda is auto: fixed, without a numeric range")
         value = self.lambda_ if name == "lambda" else getattr(self, name)
         return _range(name, value)
+
+    def fixed(self, name: str) -> bool:
+        return (name == "lambda" and self.lambda_auto) or len(set(self.range(name))) == 1
 
 
 class FixedParameters(_Strict):
@@ -249,11 +284,19 @@ class Evaluation(_Strict):
 
 
 class StartPoint(_Strict):
-    """Where CMA-ES starts instead of PCB's defaults; unnamed quantities keep the default."""
+    """Where the optimizer starts instead of PCB's defaults; unnamed quantities keep the
+    default. ``lambda: auto``: pcb's own per-tensor scale (issue 22) as the start."""
 
     pcb_ratio: float | None = None
-    lambda_: float | None = Field(default=None, alias="lambda")
+    lambda_: float | Literal["auto"] | None = Field(default=None, alias="lambda")
     weight: float | list[float] | None = None
+
+    @field_validator("lambda_")
+    @classmethod
+    def _auto(cls, value):
+        if value == AUTO:
+            _check_auto("optimizer.start.lambda")
+        return value
 
 
 class Fidelity(_Strict):
@@ -399,11 +442,15 @@ class EvolveConfig(_Strict):
             )
         if opt.sweep:
             for name, points in zip(("lambda", "pcb_ratio"), opt.sweep, strict=True):
-                low, high = self.search.range(name)
-                if points > 1 and low == high:
+                if points > 1 and self.search.fixed(name):
+                    at = (
+                        AUTO
+                        if name == "lambda" and self.search.lambda_auto
+                        else (self.search.range(name)[0])
+                    )
                     raise ValueError(
                         f"optimizer.sweep: {points} {name} points, but search.{name} is fixed "
-                        f"at {low}; use 1"
+                        f"at {at}; use 1"
                     )
         # Slices and a budget in examples need each task's size before anything loads.
         needs = [
@@ -457,8 +504,12 @@ class EvolveConfig(_Strict):
             elif weights is not None:
                 given["weight"] = weights
             for key, value in given.items():
-                if value is None:
+                if value is None or value == AUTO:
                     continue
+                if key == "lambda" and self.search.lambda_auto:
+                    raise ValueError(
+                        "optimizer.start.lambda: search.lambda is auto (fixed); leave it out"
+                    )
                 low, high = self.search.range(key.split("[")[0])
                 if not low <= value <= high:
                     raise ValueError(

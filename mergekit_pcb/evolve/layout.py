@@ -33,7 +33,7 @@ class Values:
     """One point of the search: a ratio per layer group, lambda, a weight per model."""
 
     pcb_ratio: tuple[float, ...]
-    lambda_: float
+    lambda_: float | str  # a number, or "auto" (pcb's own per-tensor scale, issue 22)
     weights: tuple[float, ...]
 
     def to_json(self) -> dict:
@@ -47,7 +47,7 @@ class Values:
     def from_json(cls, data: dict) -> Values:
         return cls(
             tuple(float(x) for x in data["pcb_ratio"]),
-            float(data["lambda"]),
+            data["lambda"] if isinstance(data["lambda"], str) else float(data["lambda"]),
             tuple(float(x) for x in data["weight"]),
         )
 
@@ -92,7 +92,7 @@ def merge_config(inputs: MergeInputs, values: Values, layout: Layout) -> dict:
         ],
         "parameters": {
             "pcb_ratio": layout.pcb_ratio_setting(values.pcb_ratio),
-            "lambda": float(values.lambda_),
+            "lambda": values.lambda_ if isinstance(values.lambda_, str) else float(values.lambda_),
             "clamp_ratio": float(inputs.clamp_ratio),
         },
         "dtype": inputs.dtype,
