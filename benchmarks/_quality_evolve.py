@@ -60,8 +60,11 @@ class EvolveSpec:
     label_free: bool = False
 
     def key(self) -> str:
+        """Runs with equal keys are one run (the default optimizer named or not)."""
+        from mergekit_pcb.evolve.config import Optimizer
+
         rungs = FIDELITY["rungs"] if self.rungs is None else self.rungs
-        parts = [f"x{self.factor:.4g}", self.method or "default", f"r{rungs}"]
+        parts = [f"x{self.factor:.4g}", self.method or Optimizer().method, f"r{rungs}"]
         return "-".join(parts + (["agreement"] if self.label_free else []))
 
 
