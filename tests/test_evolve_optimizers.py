@@ -127,3 +127,13 @@ def test_budget_round_size_is_the_largest_round_it_pays_for():
             assert schedule.round_cost(k) <= left
         assert k == 9 or schedule.round_cost(k + 1) > left
     assert Budget("candidates", 5).round_size(schedule, 9, 3) == 3
+
+
+def test_slices_are_cut_per_unit_and_counted_in_examples():
+    """An lm_eval task's slice is its limit per lm-eval task (2 of them here): the slice
+    passed on is per task, the examples counted are both tasks'."""
+    schedule = Schedule(2, 3, {"harness": 30, "rows": 9}, {"harness": 2, "rows": 1})
+    assert schedule.limits(0) == {"harness": 10, "rows": 3}
+    assert schedule.examples(0) == 10 * 2 + 3
+    assert schedule.examples(1) == 30 * 2 + 9
+    assert Schedule(1, 3, {"harness": 30}, {"harness": 2}).examples(0) == 60

@@ -35,7 +35,11 @@ class Schedule:
 
     rungs: int
     eta: int
-    sizes: Mapping[str, int | None]  # each task's search split (None: not known ahead)
+    # Each task's search split in the unit its slices are cut in (rows; an lm_eval task's
+    # limit per lm-eval task; None: not known ahead) ...
+    sizes: Mapping[str, int | None]
+    # ... and how many examples one unit is (an lm_eval task's number of lm-eval tasks).
+    units: Mapping[str, int] | None = None
 
     @property
     def top(self) -> int:
@@ -59,10 +63,9 @@ class Schedule:
         """Examples one candidate costs at ``rung`` (None when a task's size is unknown)."""
         if any(size is None for size in self.sizes.values()):
             return None
-        limits = self.limits(rung)
-        if limits is None:
-            return sum(self.sizes.values())  # type: ignore[arg-type]
-        return sum(limits.values())
+        limits = self.limits(rung) or self.sizes
+        units = self.units or {}
+        return sum(n * units.get(name, 1) for name, n in limits.items())  # type: ignore[misc]
 
     def survivors(self, k: int) -> list[int]:
         """How many of a round's ``k`` candidates each rung scores."""

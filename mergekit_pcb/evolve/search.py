@@ -162,8 +162,12 @@ def run_search(cfg: EvolveConfig, out: Path, opts: RunOptions) -> dict:
     genome = Genome.of(cfg.search, len(inputs.models), layout.groups)
     if genome.dimension == 0:
         raise EvolveConfigError("search: every quantity is fixed; give at least one range")
+    sizes = {t.name: search_size(t) for t in tasks}
     schedule = Schedule(
-        opt.fidelity.rungs, opt.fidelity.eta, {t.name: search_size(t) for t in tasks}
+        opt.fidelity.rungs,
+        opt.fidelity.eta,
+        {name: size for name, (size, _) in sizes.items()},
+        {name: unit for name, (_, unit) in sizes.items()},
     )
     try:
         schedule.check()

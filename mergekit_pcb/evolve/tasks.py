@@ -221,7 +221,7 @@ def make_scorer(
         if limit is not None:
             kwargs, examples = {**kwargs, "limit": limit}, limit
         return lambda m: Scored(float(fn(m, tokenizer, **kwargs)), examples)
-    if spec.type == "lm_eval":
+    if spec.type == "lm_eval":  # limit: documents of each lm-eval task
         if split == "rescore":
             return lm_eval_scorer(spec, tokenizer, model, None)
         return lm_eval_scorer(spec, tokenizer, model, limit or spec.limit)
@@ -243,15 +243,17 @@ def make_scorer(
     return lambda m: Scored(scorer(m), len(rows))
 
 
-def search_size(spec: TaskSpec) -> int | None:
-    """Examples in ``spec``'s search split, known before any model loads (lm_eval: its
-    ``limit`` for each of its tasks, an upper bound; python: its ``examples`` key)."""
+def search_size(spec: TaskSpec) -> tuple[int | None, int]:
+    """``spec``'s search split before any model loads, as (size, unit): its slices are
+    the first ``n <= size`` of it, and each of those ``n`` is ``unit`` examples. Rows of a
+    data file (after ``limit``); a python task's ``examples``; an lm_eval task's ``limit``
+    for each of its lm-eval tasks (an upper bound: a task may have fewer documents)."""
     if spec.type == "python":
-        return spec.examples
+        return spec.examples, 1
     if spec.type == "lm_eval":
-        return spec.limit * len(spec.lm_eval_tasks) if spec.limit else None
+        return spec.limit, len(spec.lm_eval_tasks)
     rows = read_jsonl(spec.data, spec.type)
-    return len(rows[: spec.limit] if spec.limit else rows)
+    return len(rows[: spec.limit] if spec.limit else rows), 1
 
 
 def checked(name: str, value: float) -> float:
