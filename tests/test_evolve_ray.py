@@ -17,7 +17,9 @@ pytestmark = pytest.mark.slow  # starts a local Ray
 
 def test_ray_pool_matches_local_search(tmp_path):
     fam = toy_family()
-    cfg = search_config(fam, optimizer={"budget": 4, "popsize": 4, "sigma": 0.3, "seed": 5})
+    # Successive halving too: the actors score each rung's slice (4 on 24 rows, 2 on 48).
+    optimizer = {"budget": 5, "popsize": 4, "sigma": 0.3, "seed": 5, "fidelity": {"rungs": 2}}
+    cfg = search_config(fam, optimizer=optimizer)
     yml = write_config(tmp_path / "s.yml", cfg)
     local = run_search(load_config(yml), tmp_path / "local", RunOptions(progress=False))
     distributed = run_search(
@@ -28,12 +30,16 @@ def test_ray_pool_matches_local_search(tmp_path):
     assert (tmp_path / "ray" / "cache" / "cache.json").exists()  # actors read the disk cache
     a = [json.loads(x) for x in (tmp_path / "local" / "history.jsonl").read_text().splitlines()]
     b = [json.loads(x) for x in (tmp_path / "ray" / "history.jsonl").read_text().splitlines()]
-    assert sorted((e["generation"], e["member"]) for e in b) == sorted(
-        (e["generation"], e["member"]) for e in a
-    )
-    by_key = {(e["generation"], e["member"]): e for e in a}
+
+    def key(e):
+        return (e["kind"], e["generation"], e["member"], e["rung"])
+
+    assert sorted(map(key, b)) == sorted(map(key, a))
+    assert sorted(e["rung"] for e in a if e["kind"] == "search") == [0, 0, 0, 0, 1, 1]
+    by_key = {key(e): e for e in a}
     for e in b:
-        ref = by_key[(e["generation"], e["member"])]
+        ref = by_key[key(e)]
+        assert e["examples"] == ref["examples"]
         assert e["x"] == ref["x"]
         for task, score in e["scores"].items():  # thread counts differ: float32 rounding only
             assert score == pytest.approx(ref["scores"][task], rel=1e-5)
