@@ -556,8 +556,9 @@ def plot_search(summary: dict, path: Path) -> None:
         "pcb + random search": ("tab:blue", "s--"),
         "pcb grid": ("black", "D"),
     }
+    others = iter(("tab:green", "tab:purple", "tab:orange", "tab:brown", "tab:pink", "tab:olive"))
     for label, points in curves.items():
-        color, marker = style.get(label, ("tab:gray", "^-"))
+        color, marker = style.get(label) or (next(others, "tab:gray"), "^-")
         if any(p.get("examples") is None for p in points):
             continue
         xs = [p["examples"] for p in points]
