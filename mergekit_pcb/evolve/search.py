@@ -527,6 +527,7 @@ def cost_of(history: History, top: int) -> dict:
             {"index": e["index"], "kind": e["kind"], "rungs": 0, "examples": 0, "seconds": 0.0},
         )
         row["rungs"] += 1
+        row["index"] = e["index"]  # its scoring on the highest rung it reached
         row["examples"] = (
             None
             if row["examples"] is None or e.get("examples") is None
