@@ -55,22 +55,23 @@ def test_rescore_picks_the_best_finalist_on_the_rescore_split(toy, tmp_path):
     finalists = sorted(history, key=lambda e: e["objective"], reverse=True)[:k]
     rows = report["rescore"]["candidates"]
     assert [row["index"] for row in rows] == [e["index"] for e in finalists]
-    # Rescore score = -norm / |default norm| = -(search score): the sign flips, nothing else.
+    # Search score = 1 + (norm - default's) / default's = norm / default's; on the rescore
+    # split the score is -norm, so 1 + (default's - norm) / default's = 2 - search score.
     for row, entry in zip(rows, finalists, strict=True):
         assert row["search_score"] == entry["objective"]
-        assert row["rescore_score"] == pytest.approx(-entry["objective"], rel=1e-12)
-    assert report["rescore"]["default_score"] == pytest.approx(-1.0)
+        assert row["rescore_score"] == pytest.approx(2 - entry["objective"], rel=1e-12)
+    assert report["rescore"]["default_score"] == 1.0
     # The rescore split reverses the order: the k-th best on the search split wins.
     chosen = finalists[-1]
     assert finalists[0]["objective"] > chosen["objective"]  # else the test proves nothing
     assert report["best_index"] == chosen["index"] == report["rescore"]["best_index"]
     assert report["best_values"] == chosen["values"]
     assert report["best_score"] == chosen["objective"]
-    assert report["best_rescore_score"] == pytest.approx(-chosen["objective"], rel=1e-12)
+    assert report["best_rescore_score"] == pytest.approx(2 - chosen["objective"], rel=1e-12)
     assert best_yml["parameters"]["lambda"] == pytest.approx(chosen["values"]["lambda"])
     lines = format_summary(report, [], tmp_path).splitlines()
-    assert lines[-3] == (
-        f"rescore split: default -1, best {-chosen['objective']:.6g} "
+    assert lines[-4] == (
+        f"rescore split: default 1, best {2 - chosen['objective']:.6g} "
         f"(candidate #{chosen['index']}, {k} of the {k} best on the search split)"
     )
 

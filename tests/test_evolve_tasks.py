@@ -86,9 +86,10 @@ def _task(name, kind, weight=1.0, **kw):
 def test_objective_hand_worked():
     tasks = [_task("l", "loss", 1.0), _task("a", "exact_match", 3.0)]
     obj = Objective.from_default(tasks, {"l": 2.0, "a": 0.01})
-    # scales: |2.0| and max(0.01, floor 0.05) = 0.05
-    assert obj({"l": 2.0, "a": 0.01}) == pytest.approx((-1.0 + 3 * 0.2) / 4)
-    assert obj({"l": 1.0, "a": 0.06}) == pytest.approx((-0.5 + 3 * 1.2) / 4)
+    # scales: |2.0| and max(0.01, floor 0.05) = 0.05; the default is 1 on every task
+    assert obj({"l": 2.0, "a": 0.01}) == 1.0
+    # loss: 1 - (1.0 - 2.0) / 2 = 1.5; accuracy: 1 + (0.06 - 0.01) / 0.05 = 2.0
+    assert obj({"l": 1.0, "a": 0.06}) == pytest.approx((1.5 + 3 * 2.0) / 4)
 
 
 @settings(max_examples=60, deadline=None)
