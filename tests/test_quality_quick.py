@@ -126,21 +126,36 @@ def test_tuning_stays_on_the_declared_grid(quick):
 
 SEARCH_ROWS = (
     "pcb + evolve",
-    "pcb + evolve (4x)",
+    "pcb + evolve (1/3 budget)",
     "pcb + random search",
     "pcb + random search (4x)",
 )
 
 
-def test_search_rows_stay_in_the_searched_ranges(quick):
+def _grid_examples(res) -> int:
+    """The grid's validation examples, by hand: every point on n_val a task, then its
+    rescore_top best on n_rescore a task."""
+    r = res["regime"]
+    grid = len(r["scales"]) * len(r["densities"])
+    tasks = len(res["tasks"])
+    return grid * tasks * r["n_val"] + min(r["rescore_top"], grid) * tasks * r["n_rescore"]
+
+
+def test_search_rows_stay_in_the_searched_ranges_and_budgets(quick):
     _, res = quick
     rows = [res["methods"].get(label) for label in SEARCH_ROWS]
     if None in rows:
         pytest.skip("mergekit_pcb.evolve is not in this checkout")
     grid = len(res["methods"]["pcb"]["sweep_seed0"])
+    assert res["methods"]["pcb"]["examples_scored"] == [_grid_examples(res)]
     for label, row in zip(SEARCH_ROWS, rows, strict=True):
         (chosen,) = row["chosen"]
-        assert chosen["candidates"] == grid * (4 if "4x" in label else 1)
+        (examples,) = row["examples_scored"]
+        if "evolve" in label:  # a budget in examples: at most the grid's (or a third)
+            budget = round(_grid_examples(res) / (3 if "1/3" in label else 1))
+            assert budget * 0.8 <= examples <= budget, label
+        else:
+            assert chosen["candidates"] == grid * (4 if "4x" in label else 1)
         scales, densities = res["regime"]["scales"], res["regime"]["densities"]
         assert min(scales) - 1e-6 <= chosen["lambda"] <= max(scales) + 1e-6
         assert min(densities) - 1e-6 <= chosen["pcb_ratio"] <= max(densities) + 1e-6
@@ -148,33 +163,33 @@ def test_search_rows_stay_in_the_searched_ranges(quick):
         assert all(0.7 - 1e-6 <= w <= 1.3 + 1e-6 for w in chosen["weights"])
 
 
-def test_search_curves_are_prefixes_of_one_run(quick):
-    """A budget's row is the best-on-validation of the run's first n candidates."""
+def test_search_curves_count_examples(quick):
+    """Test score against validation examples: the grid's point, the random search's
+    budgets, and the search's rows (a third and all of the grid's examples)."""
     _, res = quick
     curves = res["curves"]
     if "pcb + evolve" not in curves:
         pytest.skip("mergekit_pcb.evolve is not in this checkout")
     grid = len(res["methods"]["pcb"]["sweep_seed0"])
-    assert [p["candidates"] for p in curves["pcb grid"]] == [grid]
-    for label in ("pcb + evolve", "pcb + random search"):
-        points = {p["candidates"]: p for p in curves[label]}
-        assert sorted(points) == [grid // 2, grid, 2 * grid, 3 * grid, 4 * grid]
-        vals = [points[n]["val_mean"] for n in sorted(points)]
-        if not res["regime"]["rescore_top"]:  # else the larger split may prefer a lower one
-            assert vals == sorted(vals)  # more candidates never choose a worse validation score
-        for suffix, n in (("", grid), (" (4x)", 4 * grid)):
-            row = res["methods"][label + suffix]
-            assert 100 * row["normalized_mean"] == pytest.approx(points[n]["test_mean"], abs=1e-9)
-            assert 100 * row["val_normalized"][0] == pytest.approx(points[n]["val_mean"], abs=1e-9)
-    # mergekit-pcb evolve's own result (optimizer.rescore included) is the benchmark's pick.
-    assert res["evolve_pick_agrees"] == [True] * len(res["regime"]["seeds"])
-    gap = res["search_vs_grid"]["pcb + evolve (4x)"]["mean_points"]
+    assert [p["examples"] for p in curves["pcb grid"]] == [_grid_examples(res)]
+    r, tasks = res["regime"], len(res["tasks"])
+    random = {p["candidates"]: p for p in curves["pcb + random search"]}
+    assert sorted(random) == [grid // 2, grid, 2 * grid, 3 * grid, 4 * grid]
+    for n, point in random.items():
+        rescored = min(r["rescore_top"], n)
+        assert point["examples"] == n * tasks * r["n_val"] + rescored * tasks * r["n_rescore"]
+    search = curves["pcb + evolve"]
+    assert len(search) == 2 and search[0]["examples"] < search[1]["examples"]
+    for point, label in zip(search, ("pcb + evolve (1/3 budget)", "pcb + evolve"), strict=True):
+        row = res["methods"][label]
+        assert 100 * row["normalized_mean"] == pytest.approx(point["test_mean"], abs=1e-9)
+        assert point["examples"] == row["examples_scored"][0]
+    gap = res["search_vs_grid"]["pcb + evolve"]["mean_points"]
     expected = (
-        res["methods"]["pcb + evolve (4x)"]["normalized_mean"]
-        - res["methods"]["pcb"]["normalized_mean"]
+        res["methods"]["pcb + evolve"]["normalized_mean"] - res["methods"]["pcb"]["normalized_mean"]
     )
     assert gap == pytest.approx(100 * expected, abs=1e-9)
-    assert res["verdicts"]["search_4x_ge_grid_plus_0_5"] == (gap >= 0.5)
+    assert res["verdicts"]["search_1x_ge_grid_plus_0_5"] == (gap >= 0.5)
 
 
 def test_bootstrap_interval_brackets_the_gap(quick):
