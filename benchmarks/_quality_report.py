@@ -568,10 +568,9 @@ def plot_search(summary: dict, path: Path) -> None:
     ax.set_xlabel("validation examples scored")
     ax.set_xscale("log")
     ax.set_ylabel("test normalised exact match (%)")
-    top = summary["regime"].get("rescore_top")
-    picked = f"pick ({top} best re-ranked)" if top else "best-on-validation"
     ax.set_title(
-        f"{summary['regime']['name']}: {picked} vs budget (mean ± s.e. over {n_seeds} seed(s))"
+        f"{summary['regime']['name']}: each tuner's pick vs validation examples "
+        f"(mean ± s.e., {n_seeds} seed(s))"
     )
     ax.legend()
     ax.grid(alpha=0.3)
