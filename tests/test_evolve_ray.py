@@ -18,7 +18,13 @@ pytestmark = pytest.mark.slow  # starts a local Ray
 def test_ray_pool_matches_local_search(tmp_path):
     fam = toy_family()
     # Successive halving too: the actors score each rung's slice (4 on 24 rows, 2 on 48).
-    optimizer = {"budget": 5, "popsize": 4, "sigma": 0.3, "seed": 5, "fidelity": {"rungs": 2}}
+    optimizer = {
+        "budget": 5,
+        "popsize": 4,
+        "sigma": 0.3,
+        "seed": 5,
+        "fidelity": {"rungs": 2, "eta": 2},
+    }
     cfg = search_config(fam, optimizer=optimizer)
     yml = write_config(tmp_path / "s.yml", cfg)
     local = run_search(load_config(yml), tmp_path / "local", RunOptions(progress=False))
