@@ -20,7 +20,13 @@ import click
 import torch
 import toy
 from _quality_methods import METHODS, Method, configurations, merge, scored
-from _quality_report import bootstrap_difference, rewrite_report, write_outputs
+from _quality_report import (
+    bootstrap_difference,
+    rewrite_report,
+    summarize,
+    verdicts,
+    write_outputs,
+)
 from _quality_setup import (
     QUICK_REGIMES,
     REGIMES,
@@ -394,6 +400,7 @@ def run(
     log=print,
     *,
     reuse_seeds: bool = False,
+    seeds_dir: Path | None = None,
 ) -> dict:
     """Every seed of ``regime``; with ``reuse_seeds``, seeds already in OUT/per_seed are kept."""
     start = time.perf_counter()
@@ -410,7 +417,7 @@ def run(
     skipped = [m.label for m in methods if not m.available()]
     key = _settings_key(regime, active)
     shared = _Shared(family, model, base_state, base_test, val, test, rescore, evaluate, active)
-    seeds_dir = out_dir / "per_seed"
+    seeds_dir = seeds_dir or out_dir / "per_seed"
     seeds_dir.mkdir(parents=True, exist_ok=True)
     per_seed, reused = [], []
     for seed in regime.seeds:
@@ -468,6 +475,74 @@ def run(
     }
 
 
+def _selected(methods: tuple[Method, ...], only: str) -> tuple[Method, ...]:
+    labels = [x.strip() for x in only.split(",") if x.strip()]
+    known = {m.label for m in methods}
+    unknown = [x for x in labels if x not in known]
+    if unknown or not labels:
+        raise click.BadParameter(
+            f"unknown row {unknown[0] if unknown else only!r}; allowed: "
+            + ", ".join(repr(m.label) for m in methods),
+            param_hint="--methods",
+        )
+    return tuple(m for m in methods if m.label in labels)
+
+
+def _merge_rows(result: dict, target: Path, *, plot_png: bool) -> None:
+    """Rerun rows into the published results: new rows are added, rows already there must
+    come out the same per seed (the check that the rerun is the published benchmark), and
+    every comparison and curve the rerun computed is added. The summary records the rerun."""
+    published = json.loads((target / "results.json").read_text())
+    partial = summarize(result)
+    if json.loads(json.dumps(partial["regime"])) != published["regime"]:
+        _refuse(partial, target, "the regime's settings differ from the published run's")
+    same_seeds = [s["seed"] for s in published["methods"]["pcb"]["chosen"]] == [
+        s["seed"] for s in result["per_seed"]
+    ]
+    if not same_seeds:
+        _refuse(partial, target, "the seeds differ from the published run's")
+    reproduced = {}
+    for label, row in partial["methods"].items():
+        old = published["methods"].get(label)
+        if old is None:
+            continue
+        diff = max(
+            abs(a - b)
+            for a, b in zip(row["per_seed_normalized"], old["per_seed_normalized"], strict=True)
+        )
+        if diff > 1e-9:
+            why = f"row {label!r} does not reproduce (by {100 * diff:.3f} points)"
+            _refuse(partial, target, why)
+        reproduced[label] = True
+    merged = dict(published)
+    merged["methods"] = {**published["methods"], **partial["methods"]}
+    merged["comparisons"] = {**published["comparisons"], **partial["comparisons"]}
+    merged["curves"] = {**published["curves"], **partial["curves"]}
+    merged["search_vs_grid"] = {**published["search_vs_grid"], **partial["search_vs_grid"]}
+    merged["verdicts"] = verdicts(merged)
+    merged["reruns"] = [
+        *published.get("reruns", []),
+        {
+            "command": result["command"],
+            "methods": list(partial["methods"]),
+            "reproduced_exactly": sorted(reproduced),
+            "wall_seconds": round(result["wall_seconds"], 1),
+            "machine": result["machine"],
+        },
+    ]
+    (target / "results.json").write_text(json.dumps(merged, indent=1) + "\n")
+    rewrite_report(target, plot_png=plot_png)
+
+
+def _refuse(partial: dict, target: Path, why: str) -> None:
+    path = target / "partial-results.json"
+    path.write_text(json.dumps(partial, indent=1) + "\n")
+    raise click.ClickException(
+        f"--methods: {why}; nothing merged into {target / 'results.json'} "
+        f"(the rerun's rows are in {path}; rerun the whole regime)"
+    )
+
+
 def _out_for(out_dir: Path, regime_name: str) -> Path:
     """distilled (the first published regime) writes OUT itself; the others OUT/<name>."""
     return out_dir if regime_name == "distilled" else out_dir / regime_name
@@ -512,6 +587,14 @@ def _out_for(out_dir: Path, regime_name: str) -> Path:
     help="Keep the results of seeds already in OUT/per_seed when they were made with the same "
     "regime, methods and benchmark code; run only the others.",
 )
+@click.option(
+    "--methods",
+    "only",
+    default=None,
+    help="Comma-separated row labels to rerun (e.g. 'pcb,pcb (auto)'); the regime's other rows "
+    "stay as OUT/results.json has them. Rows already there must reproduce exactly or nothing "
+    "is merged (the new rows then go to OUT/partial-results.json).",
+)
 @click.option("--no-plot", is_flag=True, help="Skip the PNG (matplotlib is an optional extra).")
 @click.option(
     "--report-only",
@@ -525,6 +608,7 @@ def main(
     threads: int,
     seeds: str | None,
     reuse_seeds: bool,
+    only: str | None,
     no_plot: bool,
     report_only: bool,
 ) -> None:
@@ -544,6 +628,11 @@ def main(
         for name in names:
             rewrite_report(_out_for(out_dir, name), plot_png=not no_plot)
         return
+    methods = tuple(m for m in METHODS if m.quick or not quick)
+    if only is not None:
+        methods = _selected(methods, only)
+        if reuse_seeds:
+            raise click.UsageError("--methods reruns its rows for every seed: drop --reuse-seeds")
     torch.set_num_threads(threads)
     for name in names:
         torch.manual_seed(0)
@@ -558,15 +647,25 @@ def main(
             regime = replace(regime, seeds=chosen)
         target = _out_for(out_dir, name)
         target.mkdir(parents=True, exist_ok=True)
+        published = target / "results.json"
+        if only is not None and not published.exists():
+            raise click.UsageError(
+                f"--methods merges rows into {published}, which does not exist: "
+                "run the whole regime first"
+            )
         result = run(
             regime,
             target,
-            tuple(m for m in METHODS if m.quick or not quick),
+            methods,
             log=lambda msg: click.echo(msg, err=True),
             reuse_seeds=reuse_seeds,
+            seeds_dir=target / "per_seed" / "partial" if only is not None else None,
         )
         result["command"] = shlex.join(["python", "benchmarks/quality.py", *sys.argv[1:]])
-        write_outputs(result, target, plot_png=not no_plot)
+        if only is None:
+            write_outputs(result, target, plot_png=not no_plot)
+        else:
+            _merge_rows(result, target, plot_png=not no_plot)
         click.echo(
             json.dumps(
                 {"regime": name, "out": str(target), "wall_seconds": round(result["wall_seconds"])}

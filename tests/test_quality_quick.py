@@ -13,6 +13,7 @@ import dataclasses
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -307,3 +308,63 @@ def test_in_memory_merges_equal_mergekits_full_pipeline(quick, monkeypatch):
             assert torch.equal(in_memory[name], full[name]), (label, name)
         changed = sum(not torch.equal(in_memory[n], base[n]) for n in base)
         assert changed > 0, label
+
+
+def _rerun(quick, tmp_path, labels: str, edit=None):
+    """`--methods` on a copy of the quick report: (process, the copy, the copy's json before)."""
+    report, _ = quick
+    copy = tmp_path / "report"
+    shutil.copytree(report, copy)
+    before = json.loads((copy / "results.json").read_text())
+    if edit is not None:
+        edit(before)
+        (copy / "results.json").write_text(json.dumps(before))
+    env = {**os.environ, "MERGEKIT_PCB_BENCH_CACHE": str(report.parent / "cache")}
+    args = [sys.executable, str(SCRIPT), "--quick", "--out", str(copy), "--methods", labels]
+    args += ["--no-plot"]
+    proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+    return proc, copy, before
+
+
+def test_methods_rerun_adds_rows_and_checks_the_published_ones(quick, tmp_path):
+    """A row missing from results.json comes back equal to the full run's, beside the kept
+    rows; the overlapping row (pcb) is checked and the rerun recorded."""
+    _, full = quick
+
+    def drop(res):
+        del res["methods"]["task_arithmetic"]
+        del res["comparisons"]["pcb - task_arithmetic"]
+
+    proc, copy, _ = _rerun(quick, tmp_path, "pcb, task_arithmetic", drop)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    merged = json.loads((copy / "results.json").read_text())
+    assert set(merged["methods"]) == set(full["methods"])
+    for label in ("task_arithmetic", "ties", "pcb"):
+        assert merged["methods"][label]["per_seed_normalized"] == pytest.approx(
+            full["methods"][label]["per_seed_normalized"], abs=1e-12
+        )
+    gap = merged["comparisons"]["pcb - task_arithmetic"]
+    assert gap["points"] == pytest.approx(full["comparisons"]["pcb - task_arithmetic"]["points"])
+    (rerun,) = merged["reruns"]
+    assert rerun["methods"] == ["task_arithmetic", "pcb"]
+    assert rerun["reproduced_exactly"] == ["pcb"]
+    assert "--methods" in rerun["command"]
+
+
+def test_methods_rerun_refuses_a_row_that_does_not_reproduce(quick, tmp_path):
+    def tamper(res):
+        res["methods"]["pcb"]["per_seed_normalized"][0] += 0.01
+
+    proc, copy, before = _rerun(quick, tmp_path, "pcb", tamper)
+    assert proc.returncode != 0
+    assert "row 'pcb' does not reproduce (by 1.000 points)" in proc.stderr
+    assert json.loads((copy / "results.json").read_text()) == before
+    partial = json.loads((copy / "partial-results.json").read_text())
+    assert list(partial["methods"]) == ["pcb"]
+
+
+def test_methods_names_an_unknown_row(quick, tmp_path):
+    proc, _, _ = _rerun(quick, tmp_path, "pcb,pbc")
+    assert proc.returncode == 2
+    assert "--methods" in proc.stderr and "unknown row 'pbc'" in proc.stderr
+    assert "'pcb (model scope)'" in proc.stderr
