@@ -49,6 +49,7 @@ from mergekit_pcb.kernel import combine, drop_weights, scores
 HERE = Path(__file__).resolve().parent
 RATIOS = (0.1, 0.2, 0.4, 0.7)
 CLAMP = 1e-4
+COSINE = "projection, ratio by cosine"
 
 
 class Tensor:
@@ -70,6 +71,14 @@ class Tensor:
         self.kept_mm = float(sum((self.m.square() * kept[i]).sum() for i in range(len(tau))))
         self.rms_tau = float(tau.square().sum(1).mean().sqrt())
         self.cosine = self.ms / (self.mm * self.ss) ** 0.5 if self.mm * self.ss > 0 else 0.0
+        # The part every expert shares, c: with tau_i = c + u_i and the u_i orthogonal,
+        # <tau_i, tau_j> = |c|^2 for i != j. s counts c n times; a merge wants it once.
+        n = self.n = len(tau)
+        gram = tau @ tau.T
+        shared = float((gram.sum() - gram.diagonal().sum()) / (n * (n - 1))) if n > 1 else 0.0
+        mean = s / n
+        share = min(1.0, max(0.0, shared) / float(mean @ mean)) if float(mean @ mean) > 0 else 0
+        self.m_common = share * float(self.m @ mean)  # <m, c_est>, c_est = share * mean tau
 
 
 def _group(name: str) -> str:
@@ -104,6 +113,9 @@ def rules(tensors: dict[str, Tensor]) -> dict[str, dict[str, float]]:
         "kept least squares": {n: _ratio(t.kept_mt, t.kept_mm) for n, t in tensors.items()},
         "norm, RMS expert": {n: _ratio(t.rms_tau, t.mm**0.5) for n, t in tensors.items()},
         "norm, sum": {n: _ratio(t.ss**0.5, t.mm**0.5) for n, t in tensors.items()},
+        "projection, shared part once": {
+            n: max(0.0, _ratio(t.ms - (t.n - 1) * t.m_common, t.mm)) for n, t in tensors.items()
+        },
     }
 
 
@@ -112,7 +124,7 @@ def _spread(values: dict[str, float], tensors: dict[str, Tensor]) -> dict[str, f
     return {"min": live[0], "median": statistics.median(live), "max": live[-1]}
 
 
-def run_regime(name: str, log) -> dict:
+def run_regime(name: str, log, only: set[str] | None = None) -> dict:
     regime = REGIMES[name]
     family, model, _, test = bench(regime, log=log)
     val = rescore_split(regime)
@@ -151,12 +163,17 @@ def run_regime(name: str, log) -> dict:
             }
 
         for ratio, tensors in by_ratio.items():
-            rows += [row(rule, ratio, tensors, scales) for rule, scales in rules(tensors).items()]
+            for rule, scales in rules(tensors).items():
+                if only is None or rule in only:
+                    rows.append(row(rule, ratio, tensors, scales))
+        if only is not None and COSINE not in only:
+            seeds.append({"seed": seed, "rows": rows, "seconds": time.perf_counter() - start})
+            continue
         # pcb_ratio chosen per tensor too: the level whose m points most along s.
         picked = {k: max(RATIOS, key=lambda r, k=k: by_ratio[r][k].cosine) for k in changed}
         tensors = {k: by_ratio[picked[k]][k] for k in changed}
         scales = {k: _ratio(t.ms, t.mm) for k, t in tensors.items()}
-        rows.append(row("projection, ratio by cosine", _spread(picked, tensors), tensors, scales))
+        rows.append(row(COSINE, _spread(picked, tensors), tensors, scales))
         seeds.append({"seed": seed, "rows": rows, "seconds": time.perf_counter() - start})
         log(f"{name} seed {seed}: {seeds[-1]['seconds']:.0f} s")
     return {"regime": name, "n_val": n_val, "n_test": regime.n_test, "seeds": seeds}
@@ -166,12 +183,14 @@ def run_regime(name: str, log) -> dict:
 @click.option("--regime", "regime_name", type=click.Choice([*REGIMES, "all"]), default="all")
 @click.option("--out", type=click.Path(path_type=Path), default=HERE / "lambda_rules.json")
 @click.option("--threads", default=1, show_default=True)
-def main(regime_name: str, out: Path, threads: int) -> None:
+@click.option("--rules", "only", default=None, help="Comma-separated rule names (default: all).")
+def main(regime_name: str, out: Path, threads: int, only: str | None) -> None:
     torch.set_num_threads(threads)
     names = list(REGIMES) if regime_name == "all" else [regime_name]
     published = json.loads(out.read_text()) if out.exists() else {}
+    chosen = {r.strip() for r in only.split(",")} if only else None
     for name in names:
-        published[name] = run_regime(name, log=lambda m: click.echo(m, err=True))
+        published[name] = run_regime(name, lambda m: click.echo(m, err=True), chosen)
         out.write_text(json.dumps(published, indent=1) + "\n")
 
 

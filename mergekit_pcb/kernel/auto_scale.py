@@ -18,6 +18,8 @@ from collections.abc import Sequence
 
 import torch
 
+from mergekit_pcb.kernel import runtime
+
 AUTO = "auto"
 
 
@@ -48,3 +50,25 @@ def scale_of(partials: dict[int, tuple[float, float]]) -> float:
         along += ms
         across += mm
     return max(0.0, along / across) if across > 0 else 1.0
+
+
+def stored_total(tau: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """s of a stored n x d tau (taken before the steps consume it), chunk by chunk."""
+    total = torch.empty(tau.shape[1], dtype=tau.dtype, device=tau.device)
+    coefficients = weights.tolist()
+
+    def chunk(cols: slice) -> None:
+        total[cols] = task_sum(list(tau[:, cols]), coefficients)
+
+    runtime.map_chunks(chunk, _chunks(*tau.shape, tau.device), tau.device)
+    return total
+
+
+def choose(merged: torch.Tensor, total: torch.Tensor, n: int) -> float:
+    """Lambda from a stored m and s, over the chunks every path of n rows uses."""
+    chunks = _chunks(n, merged.numel(), merged.device)
+    return scale_of({c.start: partial(merged[c], total[c]) for c in chunks})
+
+
+def _chunks(n: int, d: int, device) -> list[slice]:
+    return runtime.column_chunks(n, d, device=device)

@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from mergekit_pcb.kernel import auto_scale, bindings, runtime, selection, streamed
+from mergekit_pcb.kernel import auto_scale, bindings, selection, streamed
 from mergekit_pcb.kernel.experts import TaskVectors, task_vectors
 from mergekit_pcb.kernel.runtime import compute_dtype, owns_threads
 from mergekit_pcb.kernel.torch_ops import (
@@ -88,35 +88,18 @@ def _output(vectors: TaskVectors, merged: torch.Tensor, scale: float, like: torc
     return add_scaled(vectors.base, merged, scale, like.dtype).reshape(like.shape)
 
 
-def _task_sum(tau: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """s for ``lambda: auto``, taken before the steps consume tau (same chunks as m)."""
-    total = torch.empty(tau.shape[1], dtype=tau.dtype, device=tau.device)
-    coefficients = weights.tolist()
-
-    def chunk(cols: slice) -> None:
-        total[cols] = auto_scale.task_sum(list(tau[:, cols]), coefficients)
-
-    runtime.map_chunks(chunk, _chunks(tau), tau.device)
-    return total
-
-
-def _chunks(tau: torch.Tensor) -> list[slice]:
-    return runtime.column_chunks(*tau.shape, device=tau.device)
+def _weights(coefficients: Sequence[float], like: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(coefficients, dtype=like.dtype, device=like.device)
 
 
 def _scale(scale, merged, total, tau, on_scale) -> float:
     """The fixed scale, or the one :mod:`.auto_scale` chooses from m and s."""
     if total is None:
         return scale
-    chunks = _chunks(tau)
-    chosen = auto_scale.scale_of({c.start: auto_scale.partial(merged[c], total[c]) for c in chunks})
+    chosen = auto_scale.choose(merged, total, tau.shape[0])
     if on_scale is not None:
         on_scale(chosen)
     return chosen
-
-
-def _weights(coefficients: Sequence[float], like: torch.Tensor) -> torch.Tensor:
-    return torch.tensor(coefficients, dtype=like.dtype, device=like.device)
 
 
 @owns_threads
@@ -137,7 +120,7 @@ def merge_stored(
         return base
     tau = vectors.tau
     weights = _weights(coefficients, tau)
-    total = _task_sum(tau, weights) if auto_scale.is_auto(scale) else None
+    total = auto_scale.stored_total(tau, weights) if auto_scale.is_auto(scale) else None
     merged = pcb_task_vector(
         tau,
         weights,
@@ -166,7 +149,7 @@ def merge_with_statistics(
         return base
     tau = vectors.tau
     coefficients = _weights(coefficients, tau)
-    total = _task_sum(tau, coefficients) if auto_scale.is_auto(scale) else None
+    total = auto_scale.stored_total(tau, coefficients) if auto_scale.is_auto(scale) else None
     rows = row_statistics(statistics, tau.dtype, tau.device)
     clipped, score = scores(tau, rows.bounds)
     weights = drop_weights(score, pcb_ratio, threshold=rows.threshold, top=rows.top, out=score)
