@@ -72,12 +72,16 @@ def reference_merge(
 
 
 def reference_auto_scale(merged: torch.Tensor, tau: torch.Tensor, weights) -> float:
-    """lambda: auto, element by element: the least-squares Lambda of Lambda m ~ sum_i w_i tau_i,
-    floored at 0; 1 where m is zero (nothing to scale)."""
+    """lambda: auto, element by element: the least-squares Lambda of Lambda m ~ s =
+    sum_i w_i tau_i, floored at 0, times min(1, sum_i |w_i tau_i|^2 / |s|^2); 1 where m
+    is zero (nothing to scale)."""
     m, rows = merged.tolist(), tau.tolist()
-    total = [
-        math.fsum(w * row[j] for w, row in zip(weights, rows, strict=True)) for j in range(len(m))
-    ]
+    scaled = [[w * x for x in row] for w, row in zip(weights, rows, strict=True)]
+    total = [math.fsum(row[j] for row in scaled) for j in range(len(m))]
     along = math.fsum(a * b for a, b in zip(m, total, strict=True))
     across = math.fsum(a * a for a in m)
-    return max(0.0, along / across) if across > 0 else 1.0
+    if across == 0:
+        return 1.0
+    energy = math.fsum(x * x for row in scaled for x in row)
+    spread = math.fsum(x * x for x in total)
+    return max(0.0, along / across) * (min(1.0, energy / spread) if spread > 0 else 1.0)

@@ -63,7 +63,7 @@ def test_auto_scale_equals_a_slow_element_by_element_projection(dtype, path):
     tau = torch.stack([(e.double() - base.double()).flatten() for e in experts])
     merged = reference_task_vector(tau, weights, 0.2, 1e-4)
     expected = reference_auto_scale(merged, tau, weights)
-    assert 1.2 < expected < 3.0  # partly agreeing experts: between the average and the sum
+    assert abs(expected - 1) > 0.05  # partly agreeing experts: a scale a test can tell from 1
     tolerance = 1e-12 if dtype == torch.float64 else 1e-5
     assert scale == pytest.approx(expected, rel=tolerance)
     # and the output is base + that scale * m (the fixed-lambda merge at that very scale)
@@ -87,19 +87,23 @@ def test_every_path_chooses_the_same_scale_to_the_bit(dtype):
 
 
 @pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("n", [1, 2, 5])
-def test_agreeing_experts_are_scaled_by_their_count(path, n):
-    """Hand-worked: n equal task vectors, no clipping: m = tau on the kept entries, 0
-    elsewhere, s = n tau, so Lambda = <m, n tau> / |m|^2 = n, and one expert
-    alone comes back on the entries it keeps (the drop step zeroes the others: the
-    documented reason a single expert is not given back whole)."""
+@pytest.mark.parametrize("weights", [[1.0], [1.0, 1.0], [1.0, 3.0], [1.0] * 5, [0.5, 2.0, 1.5]])
+def test_equal_experts_come_back_scaled_by_their_weights(path, weights):
+    """Hand-worked: n equal task vectors tau (no clipping), weights w_i. On the kept
+    entries m = (sum w / n) tau, 0 elsewhere, and s = (sum w) tau, so the projection is n;
+    E / |s|^2 = sum w^2 / (sum w)^2; Lambda = n sum w^2 / (sum w)^2, and the merge writes
+    base + (sum w^2 / sum w) tau there: the expert itself for weights 1 (also for one
+    expert alone, on the entries it keeps: the drop step zeroes the others, the
+    documented reason a single expert does not come back whole)."""
+    n = len(weights)
     base = torch.zeros(16, 64)
-    tau = torch.arange(1, 1025, dtype=torch.float32).reshape(16, 64) / 1024  # dyadic: exact
+    tau = torch.arange(1, 1025, dtype=torch.float32).reshape(16, 64) / 1024  # dyadic
     assert path != "streamed" or kernel.streams(base, [base + tau] * n, 0.0)
-    out, (scale,) = _auto(path, base, [base + tau] * n, [1.0] * n, ratio=0.5, clamp=0.0)
-    assert scale == pytest.approx(n, rel=1e-6)  # m = W tau / W: rounded in float32
+    out, (scale,) = _auto(path, base, [base + tau] * n, weights, ratio=0.5, clamp=0.0)
+    squares, total = sum(w * w for w in weights), sum(weights)
+    assert scale == pytest.approx(n * squares / total**2, rel=1e-6)  # rounded in float32
     kept = out != 0
-    torch.testing.assert_close(out[kept], n * tau[kept], rtol=1e-6, atol=0)
+    torch.testing.assert_close(out[kept], squares / total * tau[kept], rtol=1e-6, atol=0)
     assert kept.sum() == 1024 - 512 - 1  # above the cut sorted(B)[int(d (1 - r))]
 
 
@@ -116,13 +120,15 @@ def test_cancelling_experts_keep_the_base(path):
 
 
 def test_the_rule_floors_at_zero_and_adds_chunks_in_order():
-    """Hand-worked partial sums: (<m, s>, |m|^2) per chunk, keyed by first column."""
+    """Hand-worked partial sums (<m, s>, |m|^2, |s|^2, E) per chunk, keyed by first column."""
     from mergekit_pcb.kernel.auto_scale import scale_of
 
-    assert scale_of({64: (3.0, 1.0), 0: (1.0, 1.0)}) == 2.0
-    assert scale_of({0: (-1.0, 2.0)}) == 0.0  # m against the sum: not turned around
-    assert scale_of({0: (0.0, 0.0)}) == 1.0
-    assert scale_of({0: (1e-300, 1e-300), 64: (1.0, 2.0)}) == 0.5
+    assert scale_of({64: (3.0, 1.0, 4.0, 4.0), 0: (1.0, 1.0, 4.0, 4.0)}) == 2.0
+    assert scale_of({0: (4.0, 1.0, 8.0, 2.0)}) == 1.0  # 4 x (E/|s|^2 = 1/4)
+    assert scale_of({0: (4.0, 1.0, 2.0, 8.0)}) == 4.0  # E > |s|^2 (opposed experts): capped 1
+    assert scale_of({0: (-1.0, 2.0, 1.0, 1.0)}) == 0.0  # m against the sum: not turned around
+    assert scale_of({0: (0.0, 0.0, 1.0, 1.0)}) == 1.0  # m = 0: nothing to scale
+    assert scale_of({0: (1e-300, 1e-300, 1.0, 1.0), 64: (1.0, 2.0, 0.0, 0.0)}) == 0.5
 
 
 @SETTINGS

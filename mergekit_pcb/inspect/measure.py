@@ -244,7 +244,7 @@ def measure(
 
     auto = auto_scale.is_auto(params["lambda"])
     coefficient_row = torch.tensor(coefficients, dtype=tau.dtype)
-    total = auto_scale.stored_total(tau, coefficient_row) if auto else None  # before tau is used
+    total = auto_scale.Stored(tau, coefficient_row) if auto else None  # before tau is used
     if statistics is not None:
         whole = row_statistics([statistics[e.id] for e in experts], tau.dtype, tau.device)
         clipped, score = kernel.scores(tau, whole.bounds)
@@ -265,7 +265,7 @@ def measure(
     record.merged_sq = float(torch.linalg.vector_norm(merged, dtype=torch.float64) ** 2)
     lam = params["lambda"]
     if auto:
-        lam = record.lambda_chosen = auto_scale.choose(merged, total, n)
+        lam = record.lambda_chosen = total.choose(merged)
     written = kernel.add_scaled(vectors.base, merged, lam, base.dtype)
     # Where the merge stops (a float16 overflow), inspect stops with the same message.
     error = groups.non_finite_output(group, written, planned.out_dtype)

@@ -1,13 +1,20 @@
 """``lambda: auto``: the scale Lambda of one tensor chosen from its task vectors alone.
 
-The rule (issue 22; the candidates and their scores: docs/lambda-auto.md): Lambda is
-the least-squares scale at which Lambda m comes closest to Task Arithmetic's sum
-s = sum_i lambda_i tau_i, i.e. Lambda = <m, s> / |m|^2, floored at 0 (a merged vector
-pointing against the sum is not turned around). PCB's m is a weighted *average* of
-the kept entries, so where the experts agree Lambda grows toward their count, and
-where they cancel it stays near 1. Where m is zero there is nothing to scale (1).
+The rule (issue 22; every candidate and its scores: docs/lambda-auto.md), with
+s = sum_i lambda_i tau_i (Task Arithmetic's sum) and E = sum_i |lambda_i tau_i|^2:
 
-Both dot products add per column chunk in float64 and the chunks in order, so every
+    Lambda = max(0, <m, s> / |m|^2) * min(1, E / |s|^2)
+
+The first factor is the least-squares scale at which Lambda m comes closest to s
+(PCB's m is a weighted *average* of the kept entries, so it is too short). But s
+counts what the experts share once per expert: with tau_i = c + u_i and the u_i
+orthogonal, |s|^2 = E + n(n-1)|c|^2, and the second factor takes s down to
+"the shared part once, every expert's own part in full" (1 for orthogonal experts,
+1/n for identical ones, so n identical experts give back that expert). Without it
+the first factor alone chose ~4 for experts fine-tuned with replay of a shared data
+mix and broke the merge. Where m is zero there is nothing to scale (1).
+
+The dot products add per column chunk in float64 and the chunks in order, so every
 path that cuts the tensor into the same chunks (:func:`.runtime.column_chunks`)
 gets the same Lambda to the bit, whatever the threads.
 """
@@ -22,53 +29,61 @@ from mergekit_pcb.kernel import runtime
 
 AUTO = "auto"
 
+Partial = tuple[float, float, float, float]  # <m, s>, |m|^2, |s|^2, E over some columns
+
 
 def is_auto(scale: float | str) -> bool:
     return isinstance(scale, str) and scale == AUTO
 
 
-def task_sum(rows: Sequence[torch.Tensor], coefficients: Sequence[float]) -> torch.Tensor:
-    """s = sum_i lambda_i tau_i over some columns, added in float64 in row order and
-    rounded once to the rows' dtype (float32, or float64 for float64 tensors)."""
+def task_sum(
+    rows: Sequence[torch.Tensor], coefficients: Sequence[float]
+) -> tuple[torch.Tensor, float]:
+    """(s, E) over some columns: s added in float64 in row order and rounded once to the
+    rows' dtype (float32, or float64 for float64 tensors); E in float64."""
     total = torch.zeros(rows[0].shape, dtype=torch.float64, device=rows[0].device)
+    energy = 0.0
     for row, coefficient in zip(rows, coefficients, strict=True):
-        total.add_(row.double(), alpha=float(coefficient))
-    return total.to(rows[0].dtype)
+        scaled = row.double() * float(coefficient)
+        total.add_(scaled)
+        energy += float(torch.dot(scaled, scaled))
+    return total.to(rows[0].dtype), energy
 
 
-def partial(merged: torch.Tensor, total: torch.Tensor) -> tuple[float, float]:
-    """(<m, s>, |m|^2) over one chunk, in float64."""
-    m = merged.double()
-    return float(torch.dot(m, total.double())), float(torch.dot(m, m))
+def partial(merged: torch.Tensor, total: torch.Tensor, energy: float) -> Partial:
+    """One chunk's share of the rule's sums, in float64."""
+    m, s = merged.double(), total.double()
+    return float(torch.dot(m, s)), float(torch.dot(m, m)), float(torch.dot(s, s)), energy
 
 
-def scale_of(partials: dict[int, tuple[float, float]]) -> float:
+def scale_of(partials: dict[int, Partial]) -> float:
     """Lambda from the chunks' partial sums (keyed by the chunk's first column)."""
-    along = across = 0.0
+    ms = mm = ss = ee = 0.0
     for start in sorted(partials):
-        ms, mm = partials[start]
-        along += ms
-        across += mm
-    return max(0.0, along / across) if across > 0 else 1.0
+        a, b, c, d = partials[start]
+        ms, mm, ss, ee = ms + a, mm + b, ss + c, ee + d
+    if mm <= 0:
+        return 1.0
+    return max(0.0, ms / mm) * (min(1.0, ee / ss) if ss > 0 else 1.0)
 
 
-def stored_total(tau: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """s of a stored n x d tau (taken before the steps consume it), chunk by chunk."""
-    total = torch.empty(tau.shape[1], dtype=tau.dtype, device=tau.device)
-    coefficients = weights.tolist()
+class Stored:
+    """s and E of a stored n x d tau, taken before the steps consume it; then Lambda
+    from m over the same chunks the other paths use."""
 
-    def chunk(cols: slice) -> None:
-        total[cols] = task_sum(list(tau[:, cols]), coefficients)
+    def __init__(self, tau: torch.Tensor, weights: torch.Tensor):
+        n, d = tau.shape
+        self.chunks = runtime.column_chunks(n, d, device=tau.device)
+        self.total = torch.empty(d, dtype=tau.dtype, device=tau.device)
+        self.energy: dict[int, float] = {}
+        coefficients = weights.tolist()
 
-    runtime.map_chunks(chunk, _chunks(*tau.shape, tau.device), tau.device)
-    return total
+        def chunk(cols: slice) -> None:
+            self.total[cols], self.energy[cols.start] = task_sum(list(tau[:, cols]), coefficients)
 
+        runtime.map_chunks(chunk, self.chunks, tau.device)
 
-def choose(merged: torch.Tensor, total: torch.Tensor, n: int) -> float:
-    """Lambda from a stored m and s, over the chunks every path of n rows uses."""
-    chunks = _chunks(n, merged.numel(), merged.device)
-    return scale_of({c.start: partial(merged[c], total[c]) for c in chunks})
-
-
-def _chunks(n: int, d: int, device) -> list[slice]:
-    return runtime.column_chunks(n, d, device=device)
+    def choose(self, merged: torch.Tensor) -> float:
+        return scale_of(
+            {c.start: partial(merged[c], self.total[c], self.energy[c.start]) for c in self.chunks}
+        )

@@ -245,7 +245,7 @@ def _merge_streamed(base, experts, coefficients, stats, level, scale, out, on_sc
     auto = auto_scale.is_auto(scale)
     merged = torch.empty(d, dtype=torch.float32) if auto else None
     output = (None, merged) if auto else (scale, out)
-    partials: dict[int, tuple[float, float]] = {}
+    partials: dict[int, auto_scale.Partial] = {}
     flat = [e.reshape(-1) for e in experts]
 
     def chunk(cols: slice) -> None:
@@ -262,7 +262,7 @@ def _merge_streamed(base, experts, coefficients, stats, level, scale, out, on_sc
             total = auto_scale.task_sum(
                 [e[cols].float() - base_chunk for e in flat], weights.tolist()
             )
-            partials[cols.start] = auto_scale.partial(merged[cols], total)
+            partials[cols.start] = auto_scale.partial(merged[cols], *total)
 
     map_chunks(chunk, column_chunks(n, d), "cpu")
     if auto:
@@ -284,7 +284,7 @@ def _merge_stored(base, experts, coefficients, stats, level, scale, out, on_scal
     weights = torch.tensor(list(coefficients), dtype=work, device=device)
     merged = torch.empty(d, dtype=work, device=device)
     auto = auto_scale.is_auto(scale)
-    partials: dict[int, tuple[float, float]] = {}
+    partials: dict[int, auto_scale.Partial] = {}
 
     def chunk(cols: slice) -> None:
         w = cols.stop - cols.start
@@ -300,7 +300,7 @@ def _merge_stored(base, experts, coefficients, stats, level, scale, out, on_scal
         kept = drop_weights(score, 1.0, threshold=threshold, top=top, out=score)
         merged[cols] = combine(clipped, kept, weights)
         if auto:
-            partials[cols.start] = auto_scale.partial(merged[cols], total)
+            partials[cols.start] = auto_scale.partial(merged[cols], *total)
 
     map_chunks(chunk, column_chunks(n, d, device=device), device)
     if auto:

@@ -93,10 +93,10 @@ def _weights(coefficients: Sequence[float], like: torch.Tensor) -> torch.Tensor:
 
 
 def _scale(scale, merged, total, tau, on_scale) -> float:
-    """The fixed scale, or the one :mod:`.auto_scale` chooses from m and s."""
+    """The fixed scale, or the one :mod:`.auto_scale` chooses (``total``: its Stored)."""
     if total is None:
         return scale
-    chosen = auto_scale.choose(merged, total, tau.shape[0])
+    chosen = total.choose(merged)
     if on_scale is not None:
         on_scale(chosen)
     return chosen
@@ -120,7 +120,7 @@ def merge_stored(
         return base
     tau = vectors.tau
     weights = _weights(coefficients, tau)
-    total = auto_scale.stored_total(tau, weights) if auto_scale.is_auto(scale) else None
+    total = auto_scale.Stored(tau, weights) if auto_scale.is_auto(scale) else None
     merged = pcb_task_vector(
         tau,
         weights,
@@ -149,7 +149,7 @@ def merge_with_statistics(
         return base
     tau = vectors.tau
     coefficients = _weights(coefficients, tau)
-    total = auto_scale.stored_total(tau, coefficients) if auto_scale.is_auto(scale) else None
+    total = auto_scale.Stored(tau, coefficients) if auto_scale.is_auto(scale) else None
     rows = row_statistics(statistics, tau.dtype, tau.device)
     clipped, score = scores(tau, rows.bounds)
     weights = drop_weights(score, pcb_ratio, threshold=rows.threshold, top=rows.top, out=score)

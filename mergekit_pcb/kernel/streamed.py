@@ -121,7 +121,7 @@ def merge(
     auto = auto_scale.is_auto(scale)
     merged = score[0] if auto else torch.empty(d, dtype=inputs.base.dtype)
     output = (inputs.base, None if auto else scale, merged)
-    partials: dict[int, tuple[float, float]] = {}
+    partials: dict[int, auto_scale.Partial] = {}
     weights = coefficients.tolist()
 
     def combine(cols: slice) -> None:
@@ -137,7 +137,7 @@ def merge(
             base = inputs.base[cols].float()
             rows = [e[cols].float() - base for e in inputs.experts]
             partials[cols.start] = auto_scale.partial(
-                merged[cols], auto_scale.task_sum(rows, weights)
+                merged[cols], *auto_scale.task_sum(rows, weights)
             )
 
     runtime.map_chunks(combine, columns, "cpu")
