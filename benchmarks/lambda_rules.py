@@ -166,29 +166,68 @@ def run_regime(name: str, log, only: set[str] | None = None) -> dict:
             for rule, scales in rules(tensors).items():
                 if only is None or rule in only:
                     rows.append(row(rule, ratio, tensors, scales))
-        if only is not None and COSINE not in only:
-            seeds.append({"seed": seed, "rows": rows, "seconds": time.perf_counter() - start})
-            continue
-        # pcb_ratio chosen per tensor too: the level whose m points most along s.
-        picked = {k: max(RATIOS, key=lambda r, k=k: by_ratio[r][k].cosine) for k in changed}
-        tensors = {k: by_ratio[picked[k]][k] for k in changed}
-        scales = {k: _ratio(t.ms, t.mm) for k, t in tensors.items()}
-        rows.append(row(COSINE, _spread(picked, tensors), tensors, scales))
+        if only is None or COSINE in only:
+            # pcb_ratio chosen per tensor too: the level whose m points most along s.
+            picked = {k: max(RATIOS, key=lambda r, k=k: by_ratio[r][k].cosine) for k in changed}
+            tensors = {k: by_ratio[picked[k]][k] for k in changed}
+            scales = {k: _ratio(t.ms, t.mm) for k, t in tensors.items()}
+            rows.append(row(COSINE, _spread(picked, tensors), tensors, scales))
         seeds.append({"seed": seed, "rows": rows, "seconds": time.perf_counter() - start})
         log(f"{name} seed {seed}: {seeds[-1]['seconds']:.0f} s")
     return {"regime": name, "n_val": n_val, "n_test": regime.n_test, "seeds": seeds}
+
+
+def _ratio_label(ratio) -> str:
+    return "per tensor" if isinstance(ratio, dict) else f"{ratio:g}"
+
+
+def report(published: dict) -> str:
+    """Markdown: every rule and ratio, validation then test, mean over seeds, per regime;
+    the rows in the order of the mean validation score over the regimes."""
+    regimes = [r for r in REGIMES if r in published]
+    table: dict[tuple[str, str], dict[str, tuple[float, float, float]]] = {}
+    for name in regimes:
+        rows: dict[tuple[str, str], list[dict]] = {}
+        for seed in published[name]["seeds"]:
+            for row in seed["rows"]:
+                rows.setdefault((row["rule"], _ratio_label(row["pcb_ratio"])), []).append(row)
+        for key, found in rows.items():
+            table.setdefault(key, {})[name] = (
+                statistics.fmean(r["val"] for r in found),
+                statistics.fmean(r["test"] for r in found),
+                statistics.median(r["lambda"]["median"] for r in found),
+            )
+    complete = {k: v for k, v in table.items() if set(v) == set(regimes)}
+    order = sorted(complete, key=lambda k: -statistics.fmean(v[0] for v in complete[k].values()))
+    head = " | ".join(f"{r} val | {r} test | {r} median Lambda" for r in regimes)
+    lines = [f"| rule | pcb_ratio | {head} |", "|---|---|" + "---|" * (3 * len(regimes))]
+    for rule, ratio in order:
+        cells = " | ".join(
+            f"{v[0]:.2f} | {v[1]:.2f} | {v[2]:.2f}"
+            for v in (complete[(rule, ratio)][r] for r in regimes)
+        )
+        lines.append(f"| {rule} | {ratio} | {cells} |")
+    return "\n".join(lines)
 
 
 @click.command()
 @click.option("--regime", "regime_name", type=click.Choice([*REGIMES, "all"]), default="all")
 @click.option("--out", type=click.Path(path_type=Path), default=HERE / "lambda_rules.json")
 @click.option("--threads", default=1, show_default=True)
-@click.option("--rules", "only", default=None, help="Comma-separated rule names (default: all).")
-def main(regime_name: str, out: Path, threads: int, only: str | None) -> None:
+@click.option(
+    "--rule", "only", multiple=True, help="Run only this rule (repeatable; default: all)."
+)
+@click.option("--report", "just_report", is_flag=True, help="Print OUT's table; run nothing.")
+def main(
+    regime_name: str, out: Path, threads: int, only: tuple[str, ...], just_report: bool
+) -> None:
+    if just_report:
+        click.echo(report(json.loads(out.read_text())))
+        return
     torch.set_num_threads(threads)
     names = list(REGIMES) if regime_name == "all" else [regime_name]
     published = json.loads(out.read_text()) if out.exists() else {}
-    chosen = {r.strip() for r in only.split(",")} if only else None
+    chosen = set(only) or None
     for name in names:
         published[name] = run_regime(name, lambda m: click.echo(m, err=True), chosen)
         out.write_text(json.dumps(published, indent=1) + "\n")

@@ -36,24 +36,38 @@ def is_auto(scale: float | str) -> bool:
     return isinstance(scale, str) and scale == AUTO
 
 
-def task_sum(
-    rows: Sequence[torch.Tensor], coefficients: Sequence[float]
-) -> tuple[torch.Tensor, float]:
-    """(s, E) over some columns: s added in float64 in row order and rounded once to the
-    rows' dtype (float32, or float64 for float64 tensors); E in float64."""
-    total = torch.zeros(rows[0].shape, dtype=torch.float64, device=rows[0].device)
+def task_sum(rows: torch.Tensor, coefficients: Sequence[float]) -> tuple[torch.Tensor, float]:
+    """(s, E) of an n x w chunk of tau: s added in float64 in row order and rounded once
+    to tau's dtype; E in float64. Compiled on CPU float32 (the loops add column by column),
+    torch elsewhere (CUDA, float64), so paths agree where their devices and dtypes do."""
+    if _compiled(rows):
+        total = torch.empty(rows.shape[1], dtype=torch.float32)
+        return total, bindings().auto_task_sum(rows, coefficients, total)
+    total = torch.zeros(rows.shape[1], dtype=torch.float64, device=rows.device)
     energy = 0.0
     for row, coefficient in zip(rows, coefficients, strict=True):
         scaled = row.double() * float(coefficient)
         total.add_(scaled)
         energy += float(torch.dot(scaled, scaled))
-    return total.to(rows[0].dtype), energy
+    return total.to(rows.dtype), energy
 
 
 def partial(merged: torch.Tensor, total: torch.Tensor, energy: float) -> Partial:
     """One chunk's share of the rule's sums, in float64."""
+    if _compiled(merged):
+        return (*bindings().auto_dots(merged.contiguous(), total.contiguous()), energy)
     m, s = merged.double(), total.double()
     return float(torch.dot(m, s)), float(torch.dot(m, m)), float(torch.dot(s, s)), energy
+
+
+def _compiled(t: torch.Tensor) -> bool:
+    return t.device.type == "cpu" and t.dtype == torch.float32
+
+
+def bindings():
+    from mergekit_pcb.kernel import bindings as compiled  # numba: imported on first use
+
+    return compiled
 
 
 def scale_of(partials: dict[int, Partial]) -> float:
@@ -79,7 +93,7 @@ class Stored:
         coefficients = weights.tolist()
 
         def chunk(cols: slice) -> None:
-            self.total[cols], self.energy[cols.start] = task_sum(list(tau[:, cols]), coefficients)
+            self.total[cols], self.energy[cols.start] = task_sum(tau[:, cols], coefficients)
 
         runtime.map_chunks(chunk, self.chunks, tau.device)
 

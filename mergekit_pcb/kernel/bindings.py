@@ -328,3 +328,32 @@ def merge_chunk_known(
         numerator, denominator, *chunk.base, 0, w, f32(scale_out), target,
         out.dtype == torch.bfloat16,
     )  # fmt: skip
+
+
+def auto_sums_streamed(source: Inputs, cols: slice, weights: Sequence[float], merged) -> tuple:
+    """lambda: auto's (<m, s>, |m|^2, |s|^2, E) on ``cols``, tau made from the inputs
+    (the float32 m of those columns given); the same floats as :func:`auto_sums_stored`."""
+    loops = _loops()
+    total = np.zeros(cols.stop - cols.start, np.float64)
+    energy = 0.0
+    for expert, weight in zip(source.experts, weights, strict=True):
+        energy += loops.weighted_input_row(
+            (*expert, *source.base), cols.start, cols.stop, np.float64(weight), total
+        )
+    return (*loops.auto_dots(merged.numpy(), total.astype(np.float32)), energy)
+
+
+def auto_task_sum(rows: torch.Tensor, weights: Sequence[float], out: torch.Tensor) -> float:
+    """s of a stored float32 n x w chunk of tau into ``out`` (rounded once to float32);
+    returns its E. See :func:`auto_sums_streamed`."""
+    loops = _loops()
+    total = np.zeros(rows.shape[1], np.float64)
+    energy = 0.0
+    for row, weight in zip(rows, weights, strict=True):
+        energy += loops.weighted_row(row.numpy(), np.float64(weight), total)
+    out.numpy()[:] = total.astype(np.float32)
+    return energy
+
+
+def auto_dots(merged: torch.Tensor, total: torch.Tensor) -> tuple[float, float, float]:
+    return _loops().auto_dots(merged.numpy(), total.numpy())

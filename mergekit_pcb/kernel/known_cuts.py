@@ -246,7 +246,6 @@ def _merge_streamed(base, experts, coefficients, stats, level, scale, out, on_sc
     merged = torch.empty(d, dtype=torch.float32) if auto else None
     output = (None, merged) if auto else (scale, out)
     partials: dict[int, auto_scale.Partial] = {}
-    flat = [e.reshape(-1) for e in experts]
 
     def chunk(cols: slice) -> None:
         w = cols.stop - cols.start
@@ -258,11 +257,9 @@ def _merge_streamed(base, experts, coefficients, stats, level, scale, out, on_sc
         )
         bindings.merge_chunk_known(inputs, cols, rows, threshold, span, weights, output, scratch)
         if auto:
-            base_chunk = base[cols].float()
-            total = auto_scale.task_sum(
-                [e[cols].float() - base_chunk for e in flat], weights.tolist()
+            partials[cols.start] = bindings.auto_sums_streamed(
+                inputs, cols, weights.tolist(), merged[cols]
             )
-            partials[cols.start] = auto_scale.partial(merged[cols], *total)
 
     map_chunks(chunk, column_chunks(n, d), "cpu")
     if auto:
@@ -294,7 +291,7 @@ def _merge_stored(base, experts, coefficients, stats, level, scale, out, on_scal
             base_chunk = buffer(Role.TASK_VECTORS_BASE, w, work, device).copy_(base_chunk)
         for i, row in enumerate(rows):
             torch.sub(row[cols], base_chunk, out=tau[i])
-        total = auto_scale.task_sum(list(tau), weights.tolist()) if auto else None
+        total = auto_scale.task_sum(tau, weights.tolist()) if auto else None
         score = buffer(Role.CHUNK_SCORES, n * w, work, device).view(n, w)
         clipped, score = scores(tau, bounds, out=score)
         kept = drop_weights(score, 1.0, threshold=threshold, top=top, out=score)

@@ -134,10 +134,8 @@ def merge(
             inputs.loops, cols, score, clip, threshold, span, coefficients, output, sums
         )
         if auto:
-            base = inputs.base[cols].float()
-            rows = [e[cols].float() - base for e in inputs.experts]
-            partials[cols.start] = auto_scale.partial(
-                merged[cols], *auto_scale.task_sum(rows, weights)
+            partials[cols.start] = bindings.auto_sums_streamed(
+                inputs.loops, cols, weights, merged[cols]
             )
 
     runtime.map_chunks(combine, columns, "cpu")
