@@ -80,10 +80,16 @@ METHODS: tuple[Method, ...] = (
     # chosen on validation, so no examples are spent.
     Method("pcb (defaults)", "pcb", fixed={"weight": 1.0, "pcb_ratio": 0.1, "lambda": 1.0}),
     Method(
-        "pcb (auto)",
+        "pcb (lambda: auto)",
         "pcb",
         fixed={"weight": 1.0, "pcb_ratio": 0.1, "lambda": "auto"},
         available=lambda: _accepts("pcb", "lambda", "auto"),
+    ),
+    Method(
+        "pcb (auto)",
+        "pcb",
+        fixed={"weight": 1.0, "pcb_ratio": "auto", "lambda": "auto"},
+        available=lambda: _accepts("pcb", "pcb_ratio", "auto"),
     ),
     Method(
         "pcb (model scope)",

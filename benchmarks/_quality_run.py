@@ -447,6 +447,7 @@ def run(
     pairs += [("pcb (model scope)", "pcb")]
     # issue 22: untuned pcb, with the paper's lambda and with lambda: auto
     pairs += [("pcb (auto)", "pcb"), ("pcb (auto)", "pcb (defaults)"), ("pcb (defaults)", "pcb")]
+    pairs += [("pcb (lambda: auto)", "pcb"), ("pcb (lambda: auto)", "pcb (defaults)")]
     for suffix in ("", " (4x)"):  # each search against the grid, and against each other
         pairs += [(f"pcb + evolve{suffix}", "pcb"), (f"pcb + random search{suffix}", "pcb")]
         pairs += [(f"pcb + evolve{suffix}", f"pcb + random search{suffix}")]

@@ -39,6 +39,10 @@ METHODS: dict[str, dict] = {
         "merge_method": "pcb",
         "parameters": {"pcb_ratio": 0.2, "lambda": "auto"},
     },
+    "pcb (auto)": {
+        "merge_method": "pcb",
+        "parameters": {"pcb_ratio": "auto", "lambda": "auto"},
+    },
     "pcb (model scope)": {
         "merge_method": "pcb",
         "parameters": {"pcb_ratio": 0.2, "pcb_scope": "model"},

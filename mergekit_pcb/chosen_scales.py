@@ -1,5 +1,6 @@
-"""The scales ``lambda: auto`` chose: one line when a merge's last one is known, a
-section of the model card, and :func:`collect` for code that merges in-process.
+"""What ``lambda: auto`` and ``pcb_ratio: auto`` chose: one line when a merge's last
+choice is known, a section of the model card, and :func:`collect` (the scales) for code
+that merges in-process.
 
 Why per executor: mergekit merges each output tensor in its own ``merge_group`` call,
 with no hook at the end of a merge, so the records are kept with the ``Executor``
@@ -22,7 +23,7 @@ from mergekit_pcb import mergekit_internals
 from mergekit_pcb.kernel.auto_scale import AUTO
 
 _LOCK = threading.Lock()
-_BY_EXECUTOR: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # -> {tensor: scale}
+_BY_EXECUTOR: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # -> _Choices
 _EXPECTED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # -> tensors asking auto
 _COLLECTORS: list[list[tuple[str, float | None]]] = []
 
@@ -49,34 +50,74 @@ def summary(scales: dict[str, float | None]) -> str:
     )
 
 
+def ratio_summary(ratios: dict[str, float | None]) -> str:
+    """How often ``pcb_ratio: auto`` chose each level."""
+    counts: dict[float, int] = {}
+    for value in ratios.values():
+        if value is not None:
+            counts[value] = counts.get(value, 0) + 1
+    if not counts:
+        return "pcb_ratio: auto had nothing to choose"
+    parts = ", ".join(f"{r:g} for {c}" for r, c in sorted(counts.items(), key=lambda x: -x[1]))
+    return f"pcb_ratio: auto chose {parts} tensor{'s' * (sum(counts.values()) != 1)}"
+
+
+class _Choices:
+    """One merge's choices: scales of the tensors that asked lambda: auto, levels of
+    those that asked pcb_ratio: auto (None: no expert changed the tensor)."""
+
+    def __init__(self) -> None:
+        self.scales: dict[str, float | None] = {}
+        self.ratios: dict[str, float | None] = {}
+        self.seen: set[str] = set()
+
+    def line(self) -> str:
+        parts = [summary(self.scales)] if self.scales else []
+        parts += [ratio_summary(self.ratios)] if self.ratios else []
+        return "; ".join(parts)
+
+
 def _expected(executor: Any) -> int:
     count = _EXPECTED.get(executor)
     if count is None:
         count = sum(
             1
             for task in mergekit_internals.merge_method_tasks(executor, "pcb")
-            if task.parameters.get("lambda") == AUTO
+            if AUTO in (task.parameters.get("lambda"), task.parameters.get("pcb_ratio"))
         )
         _EXPECTED[executor] = count
     return count
 
 
-def record(tensor: str, scale: float | None) -> None:
-    """Keep the scale auto chose for ``tensor`` (None: no expert changed it, the base is
-    kept); the merge's last one writes the line."""
+NOT_ASKED = object()  # a parameter that was not auto for this tensor
+
+
+def record(
+    tensor: str,
+    scale: float | None | object = NOT_ASKED,
+    ratio: float | None | object = NOT_ASKED,
+) -> None:
+    """Keep what auto chose for ``tensor``: ``scale`` where lambda was auto, ``ratio``
+    where pcb_ratio was (``NOT_ASKED`` for a parameter that was not auto; None: no expert
+    changed the tensor, the base is kept). The merge's last one writes the line."""
     _, executor = mergekit_internals.running_executor()
     with _LOCK:
-        for collected in _COLLECTORS:
-            collected.append((tensor, scale))
+        if scale is not NOT_ASKED:
+            for collected in _COLLECTORS:
+                collected.append((tensor, scale))
         if executor is None:
             return
         if not _BY_EXECUTOR:  # first auto of this process under mergekit: the card learns it
             mergekit_internals.extend_model_card(card_section)
-        scales = _BY_EXECUTOR.setdefault(executor, {})
-        scales[tensor] = scale
-        done = len(scales) == _expected(executor)
+        choices = _BY_EXECUTOR.setdefault(executor, _Choices())
+        if scale is not NOT_ASKED:
+            choices.scales[tensor] = scale
+        if ratio is not NOT_ASKED:
+            choices.ratios[tensor] = ratio
+        choices.seen.add(tensor)
+        done = len(choices.seen) == _expected(executor)
     if done:
-        _write(f"pcb: {summary(scales)}")
+        _write(f"pcb: {choices.line()}")
 
 
 def _write(line: str) -> None:
@@ -86,25 +127,37 @@ def _write(line: str) -> None:
 
 
 def of(executor: Any) -> dict[str, float | None]:
+    """The scales lambda: auto chose in the merge ``executor`` ran."""
     with _LOCK:
-        return dict(_BY_EXECUTOR.get(executor, {}))
+        found = _BY_EXECUTOR.get(executor)
+        return dict(found.scales) if found else {}
+
+
+def _cell(value: float | None | object) -> str:
+    if value is NOT_ASKED:
+        return "-"
+    return "unchanged" if value is None else f"{value:.4g}"
 
 
 def card_section(executor: Any) -> str:
     """Markdown for the model card of the merge ``executor`` ran ('' without auto)."""
-    scales = of(executor)
-    if not scales:
+    with _LOCK:
+        found = _BY_EXECUTOR.get(executor)
+    if not found:
         return ""
     rows = "\n".join(
-        f"| `{name}` | {'unchanged' if value is None else f'{value:.4g}'} |"
-        for name, value in sorted(scales.items())
+        f"| `{name}` | {_cell(found.scales.get(name, NOT_ASKED))} | "
+        f"{_cell(found.ratios.get(name, NOT_ASKED))} |"
+        for name in sorted(found.seen)
     )
     return (
         "\n### lambda: auto\n\n"
-        f"pcb's {summary(scales)}: per tensor, the scale at which the merged task vector "
-        "best matches the sum of the task vectors (least squares).\n\n"
-        f"<details><summary>per tensor</summary>\n\n| tensor | lambda |\n|---|---|\n{rows}\n\n"
-        "</details>\n"
+        f"pcb's {found.line()}. lambda: auto is, per tensor, the scale at which the merged "
+        "task vector best matches the sum of the task vectors, with what the experts share "
+        "counted once; pcb_ratio: auto the level whose merge points most along that sum "
+        "(docs/lambda-auto.md of mergekit-pcb).\n\n"
+        "<details><summary>per tensor</summary>\n\n| tensor | lambda | pcb_ratio |\n"
+        f"|---|---|---|\n{rows}\n\n</details>\n"
     )
 
 

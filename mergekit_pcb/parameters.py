@@ -34,6 +34,12 @@ class Parameter:
     keywords: tuple[str, ...] = ()  # strings accepted besides numbers (lambda: auto)
 
     @property
+    def number_domain(self) -> str:
+        """The domain of the numbers alone (where a keyword such as auto does not apply)."""
+        words = " or ".join(self.keywords)
+        return self.domain.removesuffix(f" or {words}") if words else self.domain
+
+    @property
     def allowed(self) -> str:
         """The end of every error about this parameter."""
         return f"{self.domain}, {self.description}"
@@ -77,11 +83,15 @@ class Parameter:
 PCB_RATIO = Parameter(
     "pcb_ratio",
     default=0.1,
-    domain="a number in (0, 1]",
-    description="the fraction of entries each model keeps",
+    domain="a number in (0, 1] or auto",
+    description=(
+        "the fraction of entries each model keeps (auto: per tensor, the one of 0.1, 0.2, "
+        "0.4, 0.7 whose merge points most along the sum of the task vectors)"
+    ),
     low=0.0,
     low_open=True,
     high=1.0,
+    keywords=("auto",),
 )
 CLAMP_RATIO = Parameter(
     "clamp_ratio",

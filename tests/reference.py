@@ -56,7 +56,7 @@ def reference_merge(
     experts: Sequence[torch.Tensor],
     *,
     weights: Sequence[float] | None = None,
-    pcb_ratio: float = 0.1,
+    pcb_ratio: float | str = 0.1,
     clamp_ratio: float = 1e-4,
     lam: float | str = 1.0,
 ) -> torch.Tensor:
@@ -65,7 +65,10 @@ def reference_merge(
     base64 = base.to(torch.float64).reshape(-1)
     tau = torch.stack([e.to(torch.float64).reshape(-1) - base64 for e in experts])
     weights = [1.0] * len(experts) if weights is None else weights
-    merged = reference_task_vector(tau, weights, pcb_ratio, clamp_ratio)
+    if pcb_ratio == "auto":
+        merged = reference_ratio_auto(tau, weights, clamp_ratio)
+    else:
+        merged = reference_task_vector(tau, weights, pcb_ratio, clamp_ratio)
     if lam == "auto":
         lam = reference_auto_scale(merged, tau, weights)
     return (base64 + lam * merged).reshape(base.shape)
@@ -85,3 +88,17 @@ def reference_auto_scale(merged: torch.Tensor, tau: torch.Tensor, weights) -> fl
     energy = math.fsum(x * x for row in scaled for x in row)
     spread = math.fsum(x * x for x in total)
     return max(0.0, along / across) * (min(1.0, energy / spread) if spread > 0 else 1.0)
+
+
+def reference_ratio_auto(tau: torch.Tensor, weights, clamp_ratio: float) -> torch.Tensor:
+    """pcb_ratio: auto: the m of the level of 0.1, 0.2, 0.4, 0.7 with the largest cosine
+    with s = sum_i w_i tau_i (the first on a tie)."""
+    s = (torch.tensor(list(weights), dtype=torch.float64)[:, None] * tau.double()).sum(0)
+    best = None
+    for ratio in (0.1, 0.2, 0.4, 0.7):
+        m = reference_task_vector(tau, weights, ratio, clamp_ratio)
+        norms = float(m.norm() * s.norm())
+        cosine = float(m @ s) / norms if norms > 0 else -math.inf
+        if best is None or cosine > best[0]:
+            best = (cosine, m)
+    return best[1]

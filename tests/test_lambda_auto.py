@@ -255,3 +255,72 @@ def test_bad_lambda_is_refused_naming_the_key(family, tmp_path, value):
     assert plain.returncode != 0
     assert "allowed: a finite number or auto" in last_error_line(plain.stderr)
     assert not list((tmp_path / "plain").glob("*.safetensors"))
+
+
+# ------------------------------------------------------------------ pcb_ratio: auto
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("scale", ["auto", 1.3])
+def test_ratio_auto_picks_the_level_most_along_the_sum(dtype, scale):
+    """The level whose m has the largest cosine with s, as the float64 reference picks
+    it; the output is the fixed-ratio merge at that level, bit for bit."""
+    from reference import reference_ratio_auto
+
+    base, experts = _family((64, 700), 3, dtype, seed=5)
+    weights = [1.0, 0.8, 1.2]
+    levels, scales = [], []
+    out = kernel.merge_ratio_auto(
+        base, experts, weights, clamp_ratio=1e-4, scale=scale,
+        on_ratio=levels.append, on_scale=scales.append,
+    )  # fmt: skip
+    tau = torch.stack([(e.double() - base.double()).flatten() for e in experts])
+    s = (torch.tensor(weights, dtype=torch.float64)[:, None] * tau).sum(0)
+    cosines = {}
+    for ratio in (0.1, 0.2, 0.4, 0.7):
+        m = reference_task_vector(tau, weights, ratio, 1e-4)
+        cosines[ratio] = float(m @ s / (m.norm() * s.norm()))
+    ranked = sorted(cosines.values())
+    assert ranked[-1] - ranked[-2] > 1e-4  # not a near tie: float32 and float64 agree
+    assert levels == [max(cosines, key=cosines.get)]
+    expected = reference_ratio_auto(tau, weights, 1e-4)
+    assert torch.equal(expected, reference_task_vector(tau, weights, levels[0], 1e-4))
+    fixed = kernel.merge_stored(
+        base, experts, weights, pcb_ratio=levels[0], clamp_ratio=1e-4, scale=scale
+    )
+    assert torch.equal(out, fixed)
+    assert len(scales) == (scale == "auto")
+
+
+def test_ratio_auto_is_refused_where_it_cannot_apply(family, tmp_path):
+    """A gradient point (mergekit interpolates numbers), pcb_scope: model (one rank for
+    every tensor): one line naming the key, before anything is written."""
+    from mergekit_pcb.parameters import PCB_RATIO
+
+    assert PCB_RATIO.check("auto") == "auto"
+    with pytest.raises(ValueError, match="allowed: a number in \\(0, 1\\] or auto"):
+        PCB_RATIO.check("autoo")
+    gradient = write(tmp_path / "g.yml", _config(family, "1.0").replace(
+        "pcb_ratio: 0.3", "pcb_ratio: [0.1, auto]"))  # fmt: skip
+    result = run_tool("mergekit-pcb", "merge", gradient, tmp_path / "g")
+    assert result.returncode != 0
+    assert "pcb_ratio[1]: got 'auto' in a per-layer gradient" in result.stderr
+    scoped = write(tmp_path / "m.yml", _config(family, "1.0", "  pcb_scope: model\n").replace(
+        "pcb_ratio: 0.3", "pcb_ratio: auto"))  # fmt: skip
+    result = run_tool("mergekit-pcb", "merge", scoped, tmp_path / "m")
+    assert result.returncode != 0
+    assert "parameter 'pcb_ratio' is auto" in result.stderr and "pcb_scope: tensor" in result.stderr
+    assert not list((tmp_path / "m").glob("*.safetensors"))
+
+
+def test_both_auto_through_plain_mergekit_yaml(family, tmp_path):
+    """pcb_ratio: auto and lambda: auto: every tensor against the float64 reference (which
+    picks its own level), the line and the card's two columns."""
+    config = _config(family, "auto").replace("pcb_ratio: 0.3", "pcb_ratio: auto")
+    out = tmp_path / "out"
+    result = check(run_tool("mergekit-yaml", write(tmp_path / "c.yml", config), out))
+    compare_all(config, load_tensors(out), Checkpoints())
+    (line,) = [x for x in result.stderr.splitlines() if "pcb_ratio: auto chose" in x]
+    assert line.startswith("pcb: lambda: auto chose")
+    card = (out / "README.md").read_text()
+    assert "| tensor | lambda | pcb_ratio |" in card

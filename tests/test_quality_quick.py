@@ -134,7 +134,7 @@ def test_untuned_rows_and_autos_scales(quick):
     its row differs from the defaults' (it scaled something)."""
     _, res = quick
     rows = res["methods"]
-    assert {"pcb (defaults)", "pcb (auto)"} <= set(rows)
+    assert {"pcb (defaults)", "pcb (lambda: auto)", "pcb (auto)"} <= set(rows)
     ((spread,),) = [rows["pcb (auto)"]["lambda_auto"]]
     assert 0 <= spread["min"] <= spread["median"] <= spread["max"]
     assert "lambda_auto" not in rows["pcb (defaults)"]
@@ -147,7 +147,8 @@ def test_untuned_rows_and_autos_scales(quick):
 UNTUNED = {
     "linear": {"weight": 1.0, "normalize": True},
     "pcb (defaults)": {"weight": 1.0, "pcb_ratio": 0.1, "lambda": 1.0},
-    "pcb (auto)": {"weight": 1.0, "pcb_ratio": 0.1, "lambda": "auto"},
+    "pcb (lambda: auto)": {"weight": 1.0, "pcb_ratio": 0.1, "lambda": "auto"},
+    "pcb (auto)": {"weight": 1.0, "pcb_ratio": "auto", "lambda": "auto"},
 }
 SEARCH_ROWS = (
     "pcb + evolve",

@@ -21,6 +21,7 @@ gets the same Lambda to the bit, whatever the threads.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -28,6 +29,8 @@ import torch
 from mergekit_pcb.kernel import runtime
 
 AUTO = "auto"
+# pcb_ratio: auto's levels: per tensor, the one whose m has the largest cosine with s.
+RATIO_LEVELS = (0.1, 0.2, 0.4, 0.7)
 
 Partial = tuple[float, float, float, float]  # <m, s>, |m|^2, |s|^2, E over some columns
 
@@ -97,7 +100,19 @@ class Stored:
 
         runtime.map_chunks(chunk, self.chunks, tau.device)
 
+    def partials(self, merged: torch.Tensor) -> dict[int, Partial]:
+        return {
+            c.start: partial(merged[c], self.total[c], self.energy[c.start]) for c in self.chunks
+        }
+
     def choose(self, merged: torch.Tensor) -> float:
-        return scale_of(
-            {c.start: partial(merged[c], self.total[c], self.energy[c.start]) for c in self.chunks}
-        )
+        return scale_of(self.partials(merged))
+
+    def cosine(self, merged: torch.Tensor) -> float:
+        """cos(m, s), added as :func:`scale_of` adds (-inf where m or s is zero)."""
+        found = self.partials(merged)
+        ms = mm = ss = 0.0
+        for start in sorted(found):
+            a, b, c, _ = found[start]
+            ms, mm, ss = ms + a, mm + b, ss + c
+        return ms / math.sqrt(mm * ss) if mm > 0 and ss > 0 else -math.inf

@@ -26,7 +26,9 @@ from mergekit_pcb.kernel.torch_ops import (
     ClipSelection,
     add_scaled,
     combine,
+    cut_index,
     drop_weights,
+    order_statistics,
     pcb_task_vector,
     quantile_indices,
     scores,
@@ -155,3 +157,45 @@ def merge_with_statistics(
     weights = drop_weights(score, pcb_ratio, threshold=rows.threshold, top=rows.top, out=score)
     merged = combine(clipped, weights, coefficients)
     return _output(vectors, merged, _scale(scale, merged, total, clipped, on_scale), base)
+
+
+@owns_threads
+def merge_ratio_auto(
+    base: torch.Tensor,
+    experts: Sequence[torch.Tensor],
+    coefficients: Sequence[float],
+    *,
+    clamp_ratio: float,
+    scale: float | str,
+    on_scale: Callable[[float], None] | None = None,
+    on_ratio: Callable[[float], None] | None = None,
+) -> torch.Tensor:
+    """``pcb_ratio: auto``: as :func:`merge_stored` at the level of
+    :data:`.auto_scale.RATIO_LEVELS` whose m has the largest cosine with s (the Task
+    Arithmetic sum; the first level on a tie), told to ``on_ratio``. tau and B are made
+    once; W and m once per level (B's n x d twice over while it runs)."""
+    n, d = len(experts), base.numel()
+    clip = ClipSelection(n, d, compute_dtype(base.dtype), clamp_ratio)
+    vectors = _task_vectors(base, experts, observe=clip.feed)
+    if not vectors.changed:
+        return base
+    tau = vectors.tau
+    weights = _weights(coefficients, tau)
+    total = auto_scale.Stored(tau, weights)
+    clipped, score = scores(tau, clip.finish(tau), clamp_ratio=clamp_ratio)
+    levels = auto_scale.RATIO_LEVELS
+    cuts = order_statistics(score, [cut_index(d, r) for r in levels])
+    top = score.amax(dim=1)
+    best = None
+    for k, ratio in enumerate(levels):
+        kept = drop_weights(score, ratio, threshold=cuts[:, k].contiguous(), top=top)
+        merged = combine(clipped, kept, weights)
+        del kept
+        cosine = total.cosine(merged)
+        if best is None or cosine > best[0]:
+            best = (cosine, ratio, merged)
+    _, ratio, merged = best
+    if on_ratio is not None:
+        on_ratio(ratio)
+    auto = total if auto_scale.is_auto(scale) else None
+    return _output(vectors, merged, _scale(scale, merged, auto, tau, on_scale), base)
