@@ -17,6 +17,7 @@ from conftest import last_error_line, load_tensors, run_tool, write
 
 from mergekit_pcb.cli import main as cli
 from mergekit_pcb.config_check import ConfigError, validate_config
+from mergekit_pcb.parameters import PCB_RATIO
 
 
 def config_text(
@@ -235,14 +236,13 @@ SHAPE_ERRORS = [
         "pcb_ratio-empty",
         {"parameters": "{pcb_ratio: []}"},
         "pcb: config.parameters.pcb_ratio: parameter 'pcb_ratio' got [] (no value: mergekit "
-        "would use the default); allowed: a number in (0, 1], the fraction of entries each "
-        "model keeps",
+        f"would use the default); allowed: {PCB_RATIO.allowed}",
     ),
     (
         "pcb_ratio-null",
         {"parameters": "{pcb_ratio: null}"},
-        "pcb: config.parameters.pcb_ratio: parameter 'pcb_ratio' got null; allowed: a number "
-        "in (0, 1], the fraction of entries each model keeps",
+        f"pcb: config.parameters.pcb_ratio: parameter 'pcb_ratio' got null; allowed: "
+        f"{PCB_RATIO.allowed}",
     ),
     (
         "filter-key-typo",
