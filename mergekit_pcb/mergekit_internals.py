@@ -87,7 +87,7 @@ def _parameters(function: Any) -> tuple[str, ...]:
     return tuple(inspect.signature(function).parameters)
 
 
-def _rebind(module_name: str, name: str, original: Any, replacement: Any) -> None:
+def _rebind(name: str, original: Any, replacement: Any) -> None:
     """Replace ``original`` wherever a loaded mergekit module bound it by name (``from
     mergekit.merge import run_merge`` in mergekit-yaml, mergekit-multi, ...)."""
     for loaded, module in list(sys.modules.items()):
@@ -95,9 +95,10 @@ def _rebind(module_name: str, name: str, original: Any, replacement: Any) -> Non
             setattr(module, name, replacement)
 
 
-def guard_merge(module: Any, check: Callable[[Any, Any], bool]) -> bool:
-    """pcb's config checks before ``run_merge`` opens any model, and the torch_dtype
-    warning dropped around the one call of ``run_merge`` that causes it.
+def guard_merge(module: Any, check_config: Callable[[Any, Any], bool]) -> bool:
+    """``check_config(merge_config, config_source)`` (pcb's checks; True for a pcb config)
+    before ``run_merge`` opens any model, and the torch_dtype warning dropped around the
+    one call of ``run_merge`` that causes it.
 
     Relies on ``mergekit.merge.run_merge(merge_config, out_path, options, config_source)``
     and on ``run_merge`` calling the module-level ``_model_out_config``. Where either
@@ -125,7 +126,7 @@ def guard_merge(module: Any, check: Callable[[Any, Any], bool]) -> bool:
         except TypeError:
             return original(*args, **kwargs)  # mergekit's own error for a wrong call
         arguments = bound.arguments
-        if not check(arguments["merge_config"], arguments.get("config_source")):
+        if not check_config(arguments["merge_config"], arguments.get("config_source")):
             return original(*args, **kwargs)
         with local_folders_stay_local():
             return original(*args, **kwargs)
@@ -140,13 +141,13 @@ def guard_merge(module: Any, check: Callable[[Any, Any], bool]) -> bool:
 
     module._model_out_config = _model_out_config
     module.run_merge = run_merge
-    _rebind(module.__name__, "run_merge", original, run_merge)
+    _rebind("run_merge", original, run_merge)
     return True
 
 
-def guard_run_yaml(module: Any, check: Callable[[Any], None]) -> bool:
-    """The YAML of ``mergekit-yaml`` checked as ``mergekit-pcb merge`` checks it, before
-    mergekit's own parsing: pydantic would report ``pcb_ratio: null`` or a misspelt key
+def guard_run_yaml(module: Any, check_file: Callable[[Any], None]) -> bool:
+    """``check_file(config_file)`` on the YAML of ``mergekit-yaml`` before mergekit's own
+    parsing: pydantic would report ``pcb_ratio: null`` or a misspelt key
     of a filter entry as a traceback listing every union member it tried.
 
     Relies on ``mergekit.scripts.run_yaml.main`` being a click command whose callback
@@ -166,7 +167,7 @@ def guard_run_yaml(module: Any, check: Callable[[Any], None]) -> bool:
 
     @functools.wraps(original)
     def callback(*args: Any, **kwargs: Any) -> Any:
-        check(kwargs.get("config_file"))
+        check_file(kwargs.get("config_file"))
         return original(*args, **kwargs)
 
     callback.mergekit_pcb_guarded = True
@@ -174,8 +175,9 @@ def guard_run_yaml(module: Any, check: Callable[[Any], None]) -> bool:
     return True
 
 
-def guard_multimerge(module: Any, check: Callable[[Any], None]) -> bool:
-    """pcb's checks of every document of a ``mergekit-multi`` config before the first merge.
+def guard_multimerge(module: Any, check_source: Callable[[Any], None]) -> bool:
+    """``check_source(config_source)`` on every ``mergekit-multi`` config before the first
+    merge runs.
 
     Relies on ``mergekit.scripts.multimerge.main`` calling the module-level
     ``load_config(config_source, intermediate_dir)`` before it runs any merge.
@@ -193,7 +195,7 @@ def guard_multimerge(module: Any, check: Callable[[Any], None]) -> bool:
 
     @functools.wraps(original)
     def load_config(config_source: Any, intermediate_dir: Any) -> Any:
-        check(config_source)
+        check_source(config_source)
         return original(config_source, intermediate_dir)
 
     load_config.mergekit_pcb_guarded = True

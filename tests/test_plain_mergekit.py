@@ -298,3 +298,36 @@ def test_a_merge_drops_the_warning_and_leaves_it_to_the_user_s_code(family, tmp_
     assert TORCH_DTYPE_DEPRECATION not in merge
     assert user.count(TORCH_DTYPE_DEPRECATION) == 1
     assert set(load_tensors(out)) == set(load_tensors(family.base))
+
+
+def test_the_installed_startup_hook_is_this_checkout_s():
+    """An install made before the trigger moved to ``import mergekit`` fires on the
+    registry, half way through ``mergekit.merge``: too late to guard ``run_merge``, so
+    plain mergekit-yaml would go unchecked. Reinstall (``pip install -e .``) then."""
+    import site
+
+    root = Path(__file__).resolve().parents[1]
+    installed = [
+        Path(folder) / "mergekit_pcb_autoload.pth"
+        for folder in site.getsitepackages()
+        if (Path(folder) / "mergekit_pcb_autoload.pth").exists()
+    ]
+    assert installed, "mergekit_pcb_autoload.pth is not installed: pip install -e ."
+    expected = (root / "mergekit_pcb_autoload.pth").read_text()
+    assert installed[0].read_text() == expected, "a stale startup hook: pip install -e ."
+
+
+def test_importing_the_plugin_after_mergekit_still_guards_it():
+    """With the startup hook opted out, an explicit ``import mergekit_pcb`` after mergekit
+    loaded wraps what is already loaded, including the name mergekit-yaml bound."""
+    code = """
+import mergekit.scripts.run_yaml as run_yaml, mergekit.scripts.multimerge as multi
+import mergekit.merge
+assert not hasattr(mergekit.merge.run_merge, "mergekit_pcb_guarded")
+import mergekit_pcb
+print(run_yaml.run_merge is mergekit.merge.run_merge is multi.run_merge,
+      run_yaml.run_merge.mergekit_pcb_guarded, run_yaml.main.callback.mergekit_pcb_guarded,
+      multi.load_config.mergekit_pcb_guarded)
+"""
+    result = check(run_python(code, env={"MERGEKIT_PCB_NO_AUTOLOAD": "1"}))
+    assert result.stdout.split() == ["True"] * 4
