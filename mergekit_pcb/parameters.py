@@ -31,6 +31,7 @@ class Parameter:
     low_open: bool = False
     high_open: bool = False
     choices: tuple[str, ...] = ()  # a string choice instead of a number
+    keywords: tuple[str, ...] = ()  # strings accepted besides numbers (lambda: auto)
 
     @property
     def allowed(self) -> str:
@@ -38,8 +39,8 @@ class Parameter:
         return f"{self.domain}, {self.description}"
 
     def contains(self, value: float | str) -> bool:
-        if self.choices:
-            return value in self.choices
+        if self.choices or isinstance(value, str):
+            return value in self.choices or value in self.keywords
         if not math.isfinite(value):
             return False
         above = value > self.low if self.low_open else value >= self.low
@@ -60,6 +61,8 @@ class Parameter:
             if isinstance(value, str) and value in self.choices:
                 return value
             raise ValueError(self.error(value))
+        if isinstance(value, str) and value in self.keywords:
+            return value
         number = None
         if not isinstance(value, bool):
             try:
@@ -92,8 +95,12 @@ CLAMP_RATIO = Parameter(
 LAMBDA = Parameter(
     "lambda",
     default=1.0,
-    domain="a finite number",
-    description="the scale of the merged task vector",
+    domain="a finite number or auto",
+    description=(
+        "the scale of the merged task vector (auto: per tensor, the scale at which it "
+        "best matches the sum of the task vectors)"
+    ),
+    keywords=("auto",),
 )
 WEIGHT = Parameter(
     "weight",

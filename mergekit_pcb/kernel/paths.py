@@ -15,11 +15,11 @@ of additions.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
-from mergekit_pcb.kernel import bindings, selection, streamed
+from mergekit_pcb.kernel import auto_scale, bindings, selection, streamed
 from mergekit_pcb.kernel.experts import TaskVectors, task_vectors
 from mergekit_pcb.kernel.runtime import compute_dtype, owns_threads
 from mergekit_pcb.kernel.torch_ops import (
@@ -60,10 +60,12 @@ def merge_streamed(
     *,
     pcb_ratio: float,
     clamp_ratio: float,
-    scale: float,
+    scale: float | str,
+    on_scale: Callable[[float], None] | None = None,
 ) -> torch.Tensor:
     """base + scale * m in the base's dtype and shape (the base itself if no expert
-    changed it), read straight from the inputs, where :func:`streams` says so."""
+    changed it), read straight from the inputs, where :func:`streams` says so.
+    ``scale`` "auto": :mod:`.auto_scale` chooses it, and ``on_scale`` is told."""
     inputs = streamed.source(base, experts)
     stats = streamed.statistics(inputs, clamp_ratio)
     if not stats.finite:
@@ -71,7 +73,7 @@ def merge_streamed(
     if not stats.changed:
         return base
     weights = torch.tensor(coefficients, dtype=torch.float32)
-    merged = streamed.merge(inputs, stats.bounds, weights, pcb_ratio, scale)
+    merged = streamed.merge(inputs, stats.bounds, weights, pcb_ratio, scale, on_scale)
     return merged.reshape(base.shape)
 
 
@@ -90,6 +92,16 @@ def _weights(coefficients: Sequence[float], like: torch.Tensor) -> torch.Tensor:
     return torch.tensor(coefficients, dtype=like.dtype, device=like.device)
 
 
+def _scale(scale, merged, total, tau, on_scale) -> float:
+    """The fixed scale, or the one :mod:`.auto_scale` chooses (``total``: its Stored)."""
+    if total is None:
+        return scale
+    chosen = total.choose(merged)
+    if on_scale is not None:
+        on_scale(chosen)
+    return chosen
+
+
 @owns_threads
 def merge_stored(
     base: torch.Tensor,
@@ -98,7 +110,8 @@ def merge_stored(
     *,
     pcb_ratio: float,
     clamp_ratio: float,
-    scale: float,
+    scale: float | str,
+    on_scale: Callable[[float], None] | None = None,
 ) -> torch.Tensor:
     """As :func:`merge_streamed`, from task vectors stored once (any device and dtype)."""
     clip = ClipSelection(len(experts), base.numel(), compute_dtype(base.dtype), clamp_ratio)
@@ -106,14 +119,16 @@ def merge_stored(
     if not vectors.changed:
         return base
     tau = vectors.tau
+    weights = _weights(coefficients, tau)
+    total = auto_scale.Stored(tau, weights) if auto_scale.is_auto(scale) else None
     merged = pcb_task_vector(
         tau,
-        _weights(coefficients, tau),
+        weights,
         pcb_ratio=pcb_ratio,
         clamp_ratio=clamp_ratio,
         bounds=clip.finish(tau),
     )
-    return _output(vectors, merged, scale, base)
+    return _output(vectors, merged, _scale(scale, merged, total, tau, on_scale), base)
 
 
 @owns_threads
@@ -124,15 +139,19 @@ def merge_with_statistics(
     statistics: Sequence[ModelStatistics],
     *,
     pcb_ratio: float,
-    scale: float,
+    scale: float | str,
+    on_scale: Callable[[float], None] | None = None,
 ) -> torch.Tensor:
     """As :func:`merge_stored`, with the clip bounds, cut and max B of each expert's
     whole model (:mod:`.whole_model`) instead of this tensor's own."""
     vectors = _task_vectors(base, experts)
     if not vectors.changed:
         return base
-    rows = row_statistics(statistics, vectors.tau.dtype, vectors.tau.device)
-    clipped, score = scores(vectors.tau, rows.bounds)
+    tau = vectors.tau
+    coefficients = _weights(coefficients, tau)
+    total = auto_scale.Stored(tau, coefficients) if auto_scale.is_auto(scale) else None
+    rows = row_statistics(statistics, tau.dtype, tau.device)
+    clipped, score = scores(tau, rows.bounds)
     weights = drop_weights(score, pcb_ratio, threshold=rows.threshold, top=rows.top, out=score)
-    merged = combine(clipped, weights, _weights(coefficients, clipped))
-    return _output(vectors, merged, scale, base)
+    merged = combine(clipped, weights, coefficients)
+    return _output(vectors, merged, _scale(scale, merged, total, clipped, on_scale), base)
