@@ -20,7 +20,7 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
-from conftest import load_tensors, run_python, write
+from conftest import load_tensors, run_python, run_tool, write
 from mergekit.scripts.run_yaml import main as mergekit_yaml
 from safetensors.torch import save_file
 
@@ -192,13 +192,18 @@ def test_merge_refuses_in_the_shared_words(config, tmp_path):
 def test_demo_refuses_an_earlier_demo_unless_overwrite(tmp_path):
     """demo wrote over its earlier model silently; now it refuses, as merge does."""
     out = tmp_path / "demo"
-    assert invoke(cli, "demo", out, "--experts", "1")[0] == 0
+
+    def demo(*options) -> tuple[int, str]:  # a process per run, as a user runs it
+        result = run_tool("mergekit-pcb", "demo", out, "--experts", "1", *options)
+        return result.returncode, result.stderr
+
+    assert demo()[0] == 0
     first, before = load_tensors(out), snapshot(out)
-    found = previous_run(*invoke(cli, "demo", out, "--experts", "1", "--seed", "1"), out)
+    found = previous_run(*demo("--seed", "1"), out)
     assert (found["what"], found["files"]) == ("model files", "model.safetensors")
     assert found["why"] == "mergekit would write the new model among them"
     assert snapshot(out) == before  # nothing touched, inputs included
-    code, stderr = invoke(cli, "demo", out, "--experts", "1", "--seed", "1", "--overwrite")
+    code, stderr = demo("--seed", "1", "--overwrite")
     assert code == 0, stderr
     second = load_tensors(out)
     assert [n for n in os.listdir(out) if is_model_file(n)] == ["model.safetensors"]
