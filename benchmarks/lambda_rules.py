@@ -21,8 +21,10 @@ The rules (per tensor t unless said; s = sum_i lambda_i tau_i, the task-arithmet
   entries it keeps (W_i > 0), summed over i.
 - ``norm, RMS expert``: |Lambda m| = the RMS of |tau_i|.
 - ``norm, sum``: |Lambda m| = |s|.
-- ``projection, ratio by cosine``: ``pcb_ratio`` per tensor too, the level of
-  ``RATIOS`` whose m has the largest cosine with s, then the projection.
+- ``projection, shared part once``: the projection times min(1, E / |s|^2), E the sum
+  of the experts' squared norms (``lambda: auto``, mergekit_pcb/kernel/auto_scale.py).
+- ``shared part once, ratio by cosine``: ``pcb_ratio`` per tensor too, the level of
+  ``RATIOS`` whose m has the largest cosine with s, then the rule above.
 """
 
 from __future__ import annotations
@@ -49,7 +51,8 @@ from mergekit_pcb.kernel import combine, drop_weights, scores
 HERE = Path(__file__).resolve().parent
 RATIOS = (0.1, 0.2, 0.4, 0.7)
 CLAMP = 1e-4
-COSINE = "projection, ratio by cosine"
+COSINE = "shared part once, ratio by cosine"
+AUTO_RULE = "projection, shared part once"  # what lambda: auto computes
 
 
 class Tensor:
@@ -170,7 +173,7 @@ def run_regime(name: str, log, only: set[str] | None = None) -> dict:
             # pcb_ratio chosen per tensor too: the level whose m points most along s.
             picked = {k: max(RATIOS, key=lambda r, k=k: by_ratio[r][k].cosine) for k in changed}
             tensors = {k: by_ratio[picked[k]][k] for k in changed}
-            scales = {k: _ratio(t.ms, t.mm) for k, t in tensors.items()}
+            scales = rules(tensors)[AUTO_RULE]
             rows.append(row(COSINE, _spread(picked, tensors), tensors, scales))
         seeds.append({"seed": seed, "rows": rows, "seconds": time.perf_counter() - start})
         log(f"{name} seed {seed}: {seeds[-1]['seconds']:.0f} s")
