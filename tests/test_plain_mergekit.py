@@ -20,6 +20,7 @@ from conftest import check, load_tensors, run_python, run_tool, write
 
 from mergekit_pcb.cli import main as cli
 from mergekit_pcb.mergekit_internals import TORCH_DTYPE_DEPRECATION
+from mergekit_pcb.parameters import PCB_RATIO
 
 ALLOWED_NAMES = "(allowed: pcb_ratio, clamp_ratio, lambda, weight, pcb_scope)"
 
@@ -76,14 +77,14 @@ CASES = [
     (
         "pcb_ratio-20",
         {"parameters": "{pcb_ratio: 20}"},
-        "pcb: config.parameters.pcb_ratio: parameter 'pcb_ratio' got 20; allowed: a number "
-        "in (0, 1], the fraction of entries each model keeps",
+        f"pcb: config.parameters.pcb_ratio: parameter 'pcb_ratio' got 20; allowed: "
+        f"{PCB_RATIO.allowed}",
     ),
     (
         "pcb_ratio-null",  # pydantic's traceback in mergekit's own parsing, before run_merge
         {"parameters": "{pcb_ratio: null}"},
-        "pcb: config.parameters.pcb_ratio: parameter 'pcb_ratio' got null; allowed: a number "
-        "in (0, 1], the fraction of entries each model keeps",
+        f"pcb: config.parameters.pcb_ratio: parameter 'pcb_ratio' got null; allowed: "
+        f"{PCB_RATIO.allowed}",
     ),
     (
         "clamp_ratio-gradient",
@@ -238,7 +239,7 @@ def test_python_api_run_merge_raises_a_value_error(family, tmp_path):
     result = check(run_python(code, env={"HF_HUB_OFFLINE": "1"}))
     assert result.stdout.strip() == (
         "PcbConfigError | pcb: config.parameters.pcb_ratio: parameter 'pcb_ratio' got 1.5; "
-        "allowed: a number in (0, 1], the fraction of entries each model keeps"
+        f"allowed: {PCB_RATIO.allowed}"
     )
     assert not out.exists()
 
