@@ -18,10 +18,12 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -48,6 +50,28 @@ class Sample(NamedTuple):
     wall_s: float
     peak_rss_bytes: int
     gpu_peak_bytes: int | None = None
+    returncode: int = 0  # nonzero: the merge failed or was killed (its numbers are not a result)
+    capped: bool = False  # killed by --rss-cap, not by itself or the OOM killer
+
+
+def _watch_rss(pid: int, cap_bytes: int, killed: list[bool], done: threading.Event) -> None:
+    """Kill ``pid`` once its RSS passes ``cap_bytes``: a merge that would not fit is then a
+    result (the table says so) instead of a trip of the machine's OOM killer, which might
+    pick another process."""
+    status = Path(f"/proc/{pid}/status")
+    while not done.wait(0.1):
+        try:
+            rss = next(
+                int(x.split()[1]) * 1024
+                for x in status.read_text().splitlines()
+                if x.startswith("VmRSS:")
+            )
+        except (OSError, StopIteration):
+            return
+        if rss > cap_bytes:
+            killed.append(True)
+            os.kill(pid, signal.SIGKILL)
+            return
 
 
 # mergekit-yaml in this process, writing the GPU's peak allocation to argv[1] at exit.
@@ -77,7 +101,7 @@ def write_config(path: Path, method: str, base: Path, experts: list[Path]) -> Pa
     return path
 
 
-def run_once(config: Path, out: Path, extra: list[str]) -> Sample:
+def run_once(config: Path, out: Path, extra: list[str], rss_cap: int | None = None) -> Sample:
     exe = shutil.which("mergekit-yaml") or str(Path(sys.executable).parent / "mergekit-yaml")
     args = [str(config), str(out), "--no-copy-tokenizer", "--quiet", *extra]
     gpu_file = out.parent / "gpu-peak.txt" if "--cuda" in extra else None
@@ -88,15 +112,27 @@ def run_once(config: Path, out: Path, extra: list[str]) -> Sample:
         cmd = [sys.executable, "-c", _WITH_GPU_PEAK, str(gpu_file), *args]
     start = time.perf_counter()
     process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    killed: list[bool] = []
+    done = threading.Event()
+    watch = None
+    if rss_cap is not None:
+        watch = threading.Thread(target=_watch_rss, args=(process.pid, rss_cap, killed, done))
+        watch.start()
+    # stderr is read while the child runs: a full pipe would block it.
+    stderr = process.stderr.read().decode(errors="replace")
     # wait4 reports this child's own peak RSS (Linux: KiB), not the max over all children.
     _, status, usage = os.wait4(process.pid, 0)
     wall = time.perf_counter() - start
-    stderr = process.stderr.read().decode(errors="replace")
+    done.set()
+    if watch is not None:
+        watch.join()
     process.stderr.close()
     process.returncode = os.waitstatus_to_exitcode(status)
-    if process.returncode != 0:
-        raise click.ClickException(f"{' '.join(cmd)} failed:\n{stderr[-3000:]}")
     shutil.rmtree(out, ignore_errors=True)
+    if process.returncode != 0:
+        if not killed:
+            click.echo(f"{' '.join(cmd)} failed:\n{stderr[-3000:]}", err=True)
+        return Sample(wall, usage.ru_maxrss * 1024, None, process.returncode, bool(killed))
     gpu_peak = int(gpu_file.read_text()) if gpu_file is not None else None
     return Sample(wall, usage.ru_maxrss * 1024, gpu_peak)
 
@@ -114,7 +150,9 @@ def busy_loops(count: int) -> Iterator[None]:
             loop.wait()
 
 
-def table(results: dict[str, list[Sample]]) -> str:
+def table(results: dict[str, list[Sample]], rss_cap: int | None = None) -> str:
+    failed = {m: v for m, v in results.items() if any(s.returncode for s in v)}
+    results = {m: v for m, v in results.items() if m not in failed}
     gpu = all(s.gpu_peak_bytes is not None for v in results.values() for s in v)
     med = {
         m: (
@@ -146,6 +184,18 @@ def table(results: dict[str, list[Sample]]) -> str:
         if gpu:
             line += f" {gpu_peak / 2**30:.2f} GiB | {ratio(m, 'ties', 2)} |"
         lines.append(line)
+    for m, samples in failed.items():
+        bad = next(s for s in samples if s.returncode)
+        why = (
+            f"killed at the RSS cap of {rss_cap / 2**30:.1f} GiB"
+            if bad.capped and rss_cap
+            else f"failed, exit status {bad.returncode}"
+        )
+        lines.append(
+            f"| {m} | {why} after {bad.wall_s:.0f} s | >= {bad.peak_rss_bytes / 2**30:.2f} GiB "
+            + "| - " * (len(lines[1].split("|")) - 5)
+            + "|"
+        )
     return "\n".join(lines)
 
 
@@ -170,6 +220,13 @@ def table(results: dict[str, list[Sample]]) -> str:
     help="Run this many CPU-bound busy loops beside the merges (a shared machine).",
 )
 @click.option(
+    "--rss-cap",
+    type=float,
+    default=None,
+    help="Kill a merge whose RSS passes this many GiB and record it as killed (on a "
+    "shared machine, instead of letting the OOM killer choose).",
+)
+@click.option(
     "--method",
     "-m",
     "methods",
@@ -185,6 +242,7 @@ def main(
     threads: int | None,
     load: int,
     methods: tuple[str, ...],
+    rss_cap: float | None,
     cache_dir: Path | None,
 ) -> None:
     """Median wall time and peak RSS of mergekit-yaml per merge method, as a markdown table."""
@@ -201,6 +259,7 @@ def main(
     base, experts = build_family(
         spec, cache_dir, device="cuda" if torch.cuda.is_available() else "cpu"
     )
+    cap = int(rss_cap * 2**30) if rss_cap else None
     methods = methods or tuple(METHODS)
     extra = (["--cuda"] if cuda else []) + (["-j", str(threads)] if threads else [])
     results: dict[str, list[Sample]] = {m: [] for m in methods}
@@ -211,7 +270,9 @@ def main(
         }
         for r in range(repeats):
             for m in methods:
-                sample = run_once(configs[m], tmp / "out", extra)
+                if any(s.returncode for s in results[m]):
+                    continue  # killed or failed once: its result is that
+                sample = run_once(configs[m], tmp / "out", extra, cap)
                 results[m].append(sample)
                 gpu = (
                     f", GPU {sample.gpu_peak_bytes / 2**30:.2f} GiB"
@@ -220,7 +281,8 @@ def main(
                 )
                 click.echo(
                     f"repeat {r + 1}/{repeats} {m}: {sample.wall_s:.1f} s, "
-                    f"{sample.peak_rss_bytes / 2**30:.2f} GiB{gpu}",
+                    f"{sample.peak_rss_bytes / 2**30:.2f} GiB{gpu}"
+                    + (f", exit status {sample.returncode}" if sample.returncode else ""),
                     err=True,
                 )
     command = " ".join(["mergekit-yaml --no-copy-tokenizer", *extra])
@@ -229,7 +291,7 @@ def main(
         f"\n{parameter_count(spec) / 1e6:.0f}M-parameter Llama, bf16, base + "
         f"{spec.n_experts} experts, median of {repeats}, {command}{beside}\n"
     )
-    click.echo(table(results))
+    click.echo(table(results, cap))
 
 
 if __name__ == "__main__":

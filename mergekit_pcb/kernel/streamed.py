@@ -18,7 +18,7 @@ from typing import NamedTuple
 
 import torch
 
-from mergekit_pcb.kernel import bindings, runtime, selection
+from mergekit_pcb.kernel import bindings, recomputed, runtime, selection
 from mergekit_pcb.kernel.runtime import BLOCK, Role, column_chunks
 from mergekit_pcb.kernel.torch_ops import (
     ClipBounds,
@@ -30,6 +30,13 @@ from mergekit_pcb.kernel.torch_ops import (
 
 # |tau|'s bit patterns at or above this are infinite or NaN.
 _INFINITY_BITS = 0x7F800000
+
+# B is stored (one pass makes it, two read it) while its n x d float32 bytes stay
+# within this; a larger tensor's B is made again in each pass that reads it
+# (:mod:`.recomputed`: the same floats, no n x d buffer). The limit is the reusable
+# buffers' (runtime.MAX_BUFFER_BYTES): a B above it would be a fresh allocation per
+# tensor, whose page faults cost about what making B again does.
+STORED_SCORES_BYTES = runtime.MAX_BUFFER_BYTES
 
 
 class Source(NamedTuple):
@@ -88,8 +95,13 @@ def merge(
 ) -> torch.Tensor:
     """The merged tensor base + scale * m (steps 1-11, flat, in the base's dtype): one
     pass makes B (its row maxima and the cut's sample on the way), the cut reads B
-    once more, one pass makes the output; m is never stored."""
+    once more, one pass makes the output; m is never stored. Above
+    :data:`STORED_SCORES_BYTES` of B: :func:`.recomputed.merge`, B never stored."""
     n, d = inputs.shape
+    if n * d * 4 > STORED_SCORES_BYTES:
+        return recomputed.merge(
+            inputs.base, inputs.experts, inputs.loops, bounds, coefficients, pcb_ratio, scale
+        )
     columns = column_chunks(n, d)
     score = runtime.buffer(Role.SCORES, n * d, torch.float32, "cpu").view(n, d)
     cut = selection.RowSelection(n, d, torch.float32, [cut_index(d, pcb_ratio)])
