@@ -52,23 +52,28 @@ class Sample(NamedTuple):
     gpu_peak_bytes: int | None = None
     returncode: int = 0  # nonzero: the merge failed or was killed (its numbers are not a result)
     capped: bool = False  # killed by --rss-cap, not by itself or the OOM killer
+    peak_anon_bytes: int = 0  # the largest anonymous RSS seen (polled every 0.1 s)
 
 
-def _watch_rss(pid: int, cap_bytes: int, killed: list[bool], done: threading.Event) -> None:
-    """Kill ``pid`` once its RSS passes ``cap_bytes``: a merge that would not fit is then a
-    result (the table says so) instead of a trip of the machine's OOM killer, which might
-    pick another process."""
+def _watch_rss(
+    pid: int, cap_bytes: int | None, killed: list[bool], peak: list[int], done: threading.Event
+) -> None:
+    """Kill ``pid`` once its anonymous RSS passes ``cap_bytes``: a merge that would not fit
+    is then a result (the table says so) instead of a trip of the machine's OOM killer,
+    which might pick another process. Anonymous memory only: the pages of memory-mapped
+    checkpoints also count in RSS, but the kernel drops them under pressure."""
     status = Path(f"/proc/{pid}/status")
     while not done.wait(0.1):
         try:
             rss = next(
                 int(x.split()[1]) * 1024
                 for x in status.read_text().splitlines()
-                if x.startswith("VmRSS:")
+                if x.startswith("RssAnon:")
             )
         except (OSError, StopIteration):
             return
-        if rss > cap_bytes:
+        peak[0] = max(peak[0], rss)
+        if cap_bytes is not None and rss > cap_bytes:
             killed.append(True)
             os.kill(pid, signal.SIGKILL)
             return
@@ -113,28 +118,26 @@ def run_once(config: Path, out: Path, extra: list[str], rss_cap: int | None = No
     start = time.perf_counter()
     process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     killed: list[bool] = []
+    peak = [0]
     done = threading.Event()
-    watch = None
-    if rss_cap is not None:
-        watch = threading.Thread(target=_watch_rss, args=(process.pid, rss_cap, killed, done))
-        watch.start()
+    watch = threading.Thread(target=_watch_rss, args=(process.pid, rss_cap, killed, peak, done))
+    watch.start()
     # stderr is read while the child runs: a full pipe would block it.
     stderr = process.stderr.read().decode(errors="replace")
     # wait4 reports this child's own peak RSS (Linux: KiB), not the max over all children.
     _, status, usage = os.wait4(process.pid, 0)
     wall = time.perf_counter() - start
     done.set()
-    if watch is not None:
-        watch.join()
+    watch.join()
     process.stderr.close()
     process.returncode = os.waitstatus_to_exitcode(status)
     shutil.rmtree(out, ignore_errors=True)
     if process.returncode != 0:
         if not killed:
             click.echo(f"{' '.join(cmd)} failed:\n{stderr[-3000:]}", err=True)
-        return Sample(wall, usage.ru_maxrss * 1024, None, process.returncode, bool(killed))
+        return Sample(wall, usage.ru_maxrss * 1024, None, process.returncode, bool(killed), peak[0])
     gpu_peak = int(gpu_file.read_text()) if gpu_file is not None else None
-    return Sample(wall, usage.ru_maxrss * 1024, gpu_peak)
+    return Sample(wall, usage.ru_maxrss * 1024, gpu_peak, peak_anon_bytes=peak[0])
 
 
 @contextlib.contextmanager
@@ -223,8 +226,14 @@ def table(results: dict[str, list[Sample]], rss_cap: int | None = None) -> str:
     "--rss-cap",
     type=float,
     default=None,
-    help="Kill a merge whose RSS passes this many GiB and record it as killed (on a "
-    "shared machine, instead of letting the OOM killer choose).",
+    help="Kill a merge whose anonymous RSS passes this many GiB and record it as killed "
+    "(on a shared machine, instead of letting the OOM killer choose).",
+)
+@click.option(
+    "--out-shard-size",
+    default=None,
+    help="Pass --out-shard-size to mergekit-yaml: the output it holds before writing "
+    "(mergekit's default, 5B bytes, holds a 70B slice's whole output).",
 )
 @click.option(
     "--method",
@@ -243,6 +252,7 @@ def main(
     load: int,
     methods: tuple[str, ...],
     rss_cap: float | None,
+    out_shard_size: str | None,
     cache_dir: Path | None,
 ) -> None:
     """Median wall time and peak RSS of mergekit-yaml per merge method, as a markdown table."""
@@ -262,6 +272,7 @@ def main(
     cap = int(rss_cap * 2**30) if rss_cap else None
     methods = methods or tuple(METHODS)
     extra = (["--cuda"] if cuda else []) + (["-j", str(threads)] if threads else [])
+    extra += ["--out-shard-size", out_shard_size] if out_shard_size else []
     results: dict[str, list[Sample]] = {m: [] for m in methods}
     with tempfile.TemporaryDirectory(prefix="pcb-bench-") as tmp, busy_loops(load):
         tmp = Path(tmp)
@@ -281,7 +292,8 @@ def main(
                 )
                 click.echo(
                     f"repeat {r + 1}/{repeats} {m}: {sample.wall_s:.1f} s, "
-                    f"{sample.peak_rss_bytes / 2**30:.2f} GiB{gpu}"
+                    f"{sample.peak_rss_bytes / 2**30:.2f} GiB{gpu}, "
+                    f"anonymous {sample.peak_anon_bytes / 2**30:.2f} GiB"
                     + (f", exit status {sample.returncode}" if sample.returncode else ""),
                     err=True,
                 )
@@ -292,6 +304,11 @@ def main(
         f"{spec.n_experts} experts, median of {repeats}, {command}{beside}\n"
     )
     click.echo(table(results, cap))
+    anon = ", ".join(
+        f"{m} {statistics.median(s.peak_anon_bytes for s in v) / 2**30:.2f} GiB"
+        for m, v in results.items()
+    )
+    click.echo(f"\nPeak anonymous RSS (polled every 0.1 s; medians): {anon}")
 
 
 if __name__ == "__main__":
