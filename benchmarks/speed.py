@@ -56,14 +56,24 @@ class Sample(NamedTuple):
 
 
 def _watch_rss(
-    pid: int, cap_bytes: int | None, killed: list[bool], peak: list[int], done: threading.Event
+    pid: int,
+    cap_bytes: int | None,
+    killed: list[bool],
+    peak: list[int],
+    done: threading.Event,
+    cap_seconds: float | None = None,
 ) -> None:
     """Kill ``pid`` once its anonymous RSS passes ``cap_bytes``: a merge that would not fit
     is then a result (the table says so) instead of a trip of the machine's OOM killer,
     which might pick another process. Anonymous memory only: the pages of memory-mapped
     checkpoints also count in RSS, but the kernel drops them under pressure."""
     status = Path(f"/proc/{pid}/status")
+    start = time.perf_counter()
     while not done.wait(0.1):
+        if cap_seconds is not None and time.perf_counter() - start > cap_seconds:
+            killed.append(True)
+            os.kill(pid, signal.SIGKILL)
+            return
         try:
             rss = next(
                 int(x.split()[1]) * 1024
@@ -106,7 +116,13 @@ def write_config(path: Path, method: str, base: Path, experts: list[Path]) -> Pa
     return path
 
 
-def run_once(config: Path, out: Path, extra: list[str], rss_cap: int | None = None) -> Sample:
+def run_once(
+    config: Path,
+    out: Path,
+    extra: list[str],
+    rss_cap: int | None = None,
+    time_cap: float | None = None,
+) -> Sample:
     exe = shutil.which("mergekit-yaml") or str(Path(sys.executable).parent / "mergekit-yaml")
     args = [str(config), str(out), "--no-copy-tokenizer", "--quiet", *extra]
     gpu_file = out.parent / "gpu-peak.txt" if "--cuda" in extra else None
@@ -120,7 +136,9 @@ def run_once(config: Path, out: Path, extra: list[str], rss_cap: int | None = No
     killed: list[bool] = []
     peak = [0]
     done = threading.Event()
-    watch = threading.Thread(target=_watch_rss, args=(process.pid, rss_cap, killed, peak, done))
+    watch = threading.Thread(
+        target=_watch_rss, args=(process.pid, rss_cap, killed, peak, done, time_cap)
+    )
     watch.start()
     # stderr is read while the child runs: a full pipe would block it.
     stderr = process.stderr.read().decode(errors="replace")
@@ -153,10 +171,12 @@ def busy_loops(count: int) -> Iterator[None]:
             loop.wait()
 
 
-def table(results: dict[str, list[Sample]], rss_cap: int | None = None) -> str:
+def table(
+    results: dict[str, list[Sample]], rss_cap: int | None = None, time_cap: float | None = None
+) -> str:
     failed = {m: v for m, v in results.items() if any(s.returncode for s in v)}
     results = {m: v for m, v in results.items() if m not in failed}
-    gpu = all(s.gpu_peak_bytes is not None for v in results.values() for s in v)
+    gpu = bool(results) and all(s.gpu_peak_bytes is not None for v in results.values() for s in v)
     med = {
         m: (
             statistics.median(s.wall_s for s in v),
@@ -189,11 +209,15 @@ def table(results: dict[str, list[Sample]], rss_cap: int | None = None) -> str:
         lines.append(line)
     for m, samples in failed.items():
         bad = next(s for s in samples if s.returncode)
-        why = (
-            f"killed at the RSS cap of {rss_cap / 2**30:.1f} GiB"
-            if bad.capped and rss_cap
-            else f"failed, exit status {bad.returncode}"
-        )
+        if bad.capped and time_cap and bad.wall_s >= time_cap:
+            why = f"killed at the time cap of {time_cap:g} s (exit status {bad.returncode})"
+        elif bad.capped and rss_cap:
+            why = (
+                f"killed at the anonymous-RSS cap of {rss_cap / 2**30:g} GiB "
+                f"(exit status {bad.returncode})"
+            )
+        else:
+            why = f"failed, exit status {bad.returncode}"
         lines.append(
             f"| {m} | {why} after {bad.wall_s:.0f} s | >= {bad.peak_rss_bytes / 2**30:.2f} GiB "
             + "| - " * (len(lines[1].split("|")) - 5)
@@ -230,6 +254,12 @@ def table(results: dict[str, list[Sample]], rss_cap: int | None = None) -> str:
     "(on a shared machine, instead of letting the OOM killer choose).",
 )
 @click.option(
+    "--time-cap",
+    type=float,
+    default=None,
+    help="Kill a merge still running after this many seconds and record it as killed.",
+)
+@click.option(
     "--out-shard-size",
     default=None,
     help="Pass --out-shard-size to mergekit-yaml: the output it holds before writing "
@@ -252,6 +282,7 @@ def main(
     load: int,
     methods: tuple[str, ...],
     rss_cap: float | None,
+    time_cap: float | None,
     out_shard_size: str | None,
     cache_dir: Path | None,
 ) -> None:
@@ -283,7 +314,7 @@ def main(
             for m in methods:
                 if any(s.returncode for s in results[m]):
                     continue  # killed or failed once: its result is that
-                sample = run_once(configs[m], tmp / "out", extra, cap)
+                sample = run_once(configs[m], tmp / "out", extra, cap, time_cap)
                 results[m].append(sample)
                 gpu = (
                     f", GPU {sample.gpu_peak_bytes / 2**30:.2f} GiB"
@@ -303,7 +334,7 @@ def main(
         f"\n{parameter_count(spec) / 1e6:.0f}M-parameter Llama, bf16, base + "
         f"{spec.n_experts} experts, median of {repeats}, {command}{beside}\n"
     )
-    click.echo(table(results, cap))
+    click.echo(table(results, cap, time_cap))
     anon = ", ".join(
         f"{m} {statistics.median(s.peak_anon_bytes for s in v) / 2**30:.2f} GiB"
         for m, v in results.items()
