@@ -23,6 +23,14 @@ from safetensors.torch import load_file
 import mergekit_pcb  # noqa: F401  (registers ``pcb`` even when autoload is off)
 
 
+def _accepts(method: str, parameter: str, value: object) -> bool:
+    spec = {p.name: p for p in get(method).spec.parameters}.get(parameter)
+    try:
+        return spec is not None and spec.validate(value) == value
+    except ValueError:
+        return False
+
+
 def _has_parameter(method: str, parameter: str) -> Callable[[], bool]:
     def check() -> bool:
         if method not in {m.spec.name for m in registered_methods()}:
@@ -68,6 +76,21 @@ METHODS: tuple[Method, ...] = (
     Method("ties", "ties", {"lambda": "scale", "density": "density"}, {"weight": 1.0}),
     Method("dare_ties", "dare_ties", {"lambda": "scale", "density": "density"}, {"weight": 1.0}),
     Method("pcb", "pcb", {"lambda": "scale", "pcb_ratio": "density"}, {"weight": 1.0}),
+    # Untuned (issue 22): what a user who runs one YAML once gets. No grid: nothing is
+    # chosen on validation, so no examples are spent.
+    Method("pcb (defaults)", "pcb", fixed={"weight": 1.0, "pcb_ratio": 0.1, "lambda": 1.0}),
+    Method(
+        "pcb (lambda: auto)",
+        "pcb",
+        fixed={"weight": 1.0, "pcb_ratio": 0.1, "lambda": "auto"},
+        available=lambda: _accepts("pcb", "lambda", "auto"),
+    ),
+    Method(
+        "pcb (auto)",
+        "pcb",
+        fixed={"weight": 1.0, "pcb_ratio": "auto", "lambda": "auto"},
+        available=lambda: _accepts("pcb", "pcb_ratio", "auto"),
+    ),
     Method(
         "pcb (model scope)",
         "pcb",

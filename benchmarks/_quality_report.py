@@ -92,6 +92,12 @@ def summarize(result: dict) -> dict:
             # Validation examples the tuner scored (grid: every point, then its re-ranked
             # best; search: everything it scored), per seed.
             "examples_scored": [r.get("examples_scored") for r in rows],
+            # lambda: auto's per-tensor scales (min / median / max), per seed.
+            **(
+                {"lambda_auto": [r["lambda_auto"] for r in rows]}
+                if all("lambda_auto" in r for r in rows)
+                else {}
+            ),
             # Share of the experts' gain over the base that the merge keeps.
             "gain_kept": (norm_mean - base_mean) / (1.0 - base_mean) if base_mean < 1 else None,
             "sweep_seed0": [

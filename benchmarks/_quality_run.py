@@ -37,6 +37,7 @@ from _quality_setup import (
     rescore_split,
 )
 
+from mergekit_pcb import chosen_scales
 from mergekit_pcb.tiny import save_model
 
 HERE = Path(__file__).resolve().parent
@@ -274,6 +275,7 @@ def _run_seed(regime, seed, shared: _Shared, log) -> dict:
         return tested[key]
 
     for method in active:
+        scales: list = []
         if method.via == "random":
             run = searches["random"]
             n = run["grid"] * method.budget_factor
@@ -326,8 +328,9 @@ def _run_seed(regime, seed, shared: _Shared, log) -> dict:
                 scores = {i: sweep[i]["rescore_normalized"] for i in order[: regime.rescore_top]}
                 top = regime.rescore_top
                 best = sweep[_quality_evolve.pick(sweep, len(sweep), top, scores.get)]
-            examples = examples_of(regime, len(sweep), finalists)
-            chosen = merge(method, base_state, experts, best["params"], on_disk)
+            examples = examples_of(regime, len(sweep), finalists) if method.grid else 0
+            with chosen_scales.collect() as scales:  # lambda: auto's choices, if any
+                chosen = merge(method, base_state, experts, best["params"], on_disk)
             hits = evaluate(chosen, test, regime.n_test)
         acc = _mean(hits)
         result["methods"][method.label] = {
@@ -339,6 +342,9 @@ def _run_seed(regime, seed, shared: _Shared, log) -> dict:
             "hits": hits,
             "sweep": sweep,
         }
+        if method.via not in ("evolve", "random") and scales:
+            chose = {str(i): value for i, (_, value) in enumerate(scales)}
+            result["methods"][method.label]["lambda_auto"] = chosen_scales.spread(chose)
         log(
             f"seed {seed} {method.label:26s} val {best['val_normalized']:.3f} "
             f"test {result['methods'][method.label]['test_normalized']:.3f} "
@@ -439,6 +445,9 @@ def run(
     labels = {m.label for m in active}
     pairs = [("pcb", "ties"), ("pcb", "task_arithmetic"), ("pcb", "dare_ties")]
     pairs += [("pcb (model scope)", "pcb")]
+    # issue 22: untuned pcb, with the paper's lambda and with lambda: auto
+    pairs += [("pcb (auto)", "pcb"), ("pcb (auto)", "pcb (defaults)"), ("pcb (defaults)", "pcb")]
+    pairs += [("pcb (lambda: auto)", "pcb"), ("pcb (lambda: auto)", "pcb (defaults)")]
     for suffix in ("", " (4x)"):  # each search against the grid, and against each other
         pairs += [(f"pcb + evolve{suffix}", "pcb"), (f"pcb + random search{suffix}", "pcb")]
         pairs += [(f"pcb + evolve{suffix}", f"pcb + random search{suffix}")]

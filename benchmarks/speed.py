@@ -37,6 +37,14 @@ from _models import build_family, family_options, family_spec, parameter_count
 
 METHODS: dict[str, dict] = {
     "pcb": {"merge_method": "pcb", "parameters": {"pcb_ratio": 0.2}},
+    "pcb (lambda: auto)": {
+        "merge_method": "pcb",
+        "parameters": {"pcb_ratio": 0.2, "lambda": "auto"},
+    },
+    "pcb (auto)": {
+        "merge_method": "pcb",
+        "parameters": {"pcb_ratio": "auto", "lambda": "auto"},
+    },
     "pcb (model scope)": {
         "merge_method": "pcb",
         "parameters": {"pcb_ratio": 0.2, "pcb_scope": "model"},

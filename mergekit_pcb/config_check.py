@@ -162,7 +162,16 @@ def _leaf_values(setting: Any, where: str) -> Iterator[tuple[Any, str]]:
     if isinstance(setting, ConditionalParameter):
         yield from _leaf_values(setting.value, f"{where}[filter={setting.filter!r}]")
     elif isinstance(setting, list):
+        gradient = not any(isinstance(item, ConditionalParameter) for item in setting)
         for i, item in enumerate(setting):
+            if gradient and isinstance(item, str) and len(setting) > 1:
+                # mergekit interpolates a gradient's points as numbers: 'auto' cannot be one
+                raise ConfigError(
+                    f"pcb: {where}[{i}]: got {item!r} in a per-layer gradient, whose points "
+                    "mergekit interpolates as numbers; allowed: numbers in a gradient, or "
+                    f"{item!r} for some layers through a filter "
+                    f"([{{filter: mlp, value: {item}}}, {{value: ...}}])"
+                )
             yield from _leaf_values(item, f"{where}[{i}]")
     else:
         yield setting, where

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import sys
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -117,6 +117,45 @@ def local_folders_stay_local() -> Iterator[None]:
         card.is_hf = hub_check
 
 
+def merge_method_tasks(executor: Any, method_name: str) -> list[Any]:
+    """Every ``ExecuteMergeMethodTask`` of ``method_name`` that ``executor`` will run.
+
+    Relies on ``Executor.universe.tasks`` holding every task of the merge.
+    """
+    from mergekit.merge_methods.task_adapter import ExecuteMergeMethodTask
+
+    return [
+        t
+        for t in executor.universe.tasks
+        if isinstance(t, ExecuteMergeMethodTask) and t.method_name == method_name
+    ]
+
+
+def extend_model_card(section: Callable[[Any], str]) -> None:
+    """Append ``section(executor)`` to the model card ``run_merge`` writes.
+
+    Relies on ``run_merge`` calling the module-level ``merge.generate_card`` after its
+    ``Executor`` (the local ``exec``) has run every task. Idempotent.
+    """
+    from mergekit import merge
+
+    card = merge.generate_card
+    if getattr(card, "_pcb_sections", None) is not None:
+        if section not in card._pcb_sections:
+            card._pcb_sections.append(section)
+        return
+
+    def generate_card(*args, **kwargs):
+        text = card(*args, **kwargs)
+        executor = sys._getframe(1).f_locals.get("exec")
+        if executor is None:
+            return text
+        return text + "".join(extra(executor) for extra in generate_card._pcb_sections)
+
+    generate_card._pcb_sections = [section]
+    merge.generate_card = generate_card
+
+
 def genotype_tensor(genome: Any, genotype: Any) -> Any:
     """A flat genotype reshaped to (layer groups, models, parameters), as mergekit does.
 
@@ -153,6 +192,12 @@ def check() -> None:
         missing.append("Executor.universe")
     if "_tensors" not in MergePlanner.__init__.__code__.co_names:
         missing.append("MergePlanner._tensors")
+    run_merge = getattr(merge.run_merge, "__wrapped__", merge.run_merge)
+    if not {"exec", "generate_card"} <= {
+        *run_merge.__code__.co_varnames,
+        *run_merge.__code__.co_names,
+    }:
+        missing.append("run_merge's exec and generate_card")
     if missing:
         import mergekit
 

@@ -16,7 +16,16 @@ from mergekit.merge_methods.base import (
     TensorGroup,
 )
 
-from mergekit_pcb import _autoload, groups, kernel, mergekit_internals, model_scope, parameters
+from mergekit_pcb import (
+    _autoload,
+    chosen_scales,
+    groups,
+    kernel,
+    mergekit_internals,
+    model_scope,
+    parameters,
+)
+from mergekit_pcb.kernel.auto_scale import AUTO
 
 NAME = "pcb"
 
@@ -35,7 +44,7 @@ class _Spec(ParameterSpec):
 SPECS = tuple(
     _Spec(
         p.name,
-        type(p.default),
+        float | str if p.keywords else type(p.default),
         ParameterScope.NON_BASE if p.per_model else ParameterScope.SHARED,
         default=p.default,
         description=p.description,
@@ -70,9 +79,22 @@ class PCBMerge(GroupMergeMethod):
         experts = groups.ordered(group, params["weight"])
         base, tensors = group.base.tensor, [e.tensor for e in experts]
         coefficients = [params["weight"][e.id] for e in experts]
+        chosen: list[float] = []  # lambda: auto's scale, told by the kernel
+        ratios: list[float] = []  # pcb_ratio: auto's level, told by the kernel
         common = {"pcb_ratio": params["pcb_ratio"], "scale": params["lambda"]}
+        common["on_scale"] = chosen.append
         try:
-            if whole is not None:
+            if params["pcb_ratio"] == AUTO:  # tensor scope only (model_scope refuses it)
+                del common["pcb_ratio"]
+                result = kernel.merge_ratio_auto(
+                    base,
+                    tensors,
+                    coefficients,
+                    clamp_ratio=params["clamp_ratio"],
+                    on_ratio=ratios.append,
+                    **common,
+                )
+            elif whole is not None:
                 rows = [whole[e.id] for e in experts]
                 result = kernel.merge_with_statistics(base, tensors, coefficients, rows, **common)
             elif kernel.streams(base, tensors, params["clamp_ratio"]):
@@ -85,6 +107,13 @@ class PCBMerge(GroupMergeMethod):
                 )
         except kernel.NonFiniteTaskVector as error:
             raise groups.non_finite_error(group, error.dtype) from None
+        if AUTO in (params["lambda"], params["pcb_ratio"]):
+            asked = {}
+            if params["lambda"] == AUTO:
+                asked["scale"] = chosen[0] if chosen else None
+            if params["pcb_ratio"] == AUTO:
+                asked["ratio"] = ratios[0] if ratios else None
+            chosen_scales.record(group.metadata.name, **asked)
         # mergekit would write inf silently (float16 overflow): name the tensor and the fix.
         error = groups.non_finite_output(group, result, mergekit_internals.output_dtype())
         if error is not None:

@@ -62,6 +62,13 @@ def _check_shared(tasks: list[ExecuteMergeMethodTask]) -> dict[str, Any]:
                 f"{task.parameters[PCB_SCOPE.name]!r} for '{task.output_weight.name}'; "
                 "allowed: one pcb_scope for the whole merge (no gradients or filters)"
             )
+        if task.parameters[PCB_RATIO.name] == "auto":
+            raise ScopeError(
+                f"pcb: parameter 'pcb_ratio' is auto for '{task.output_weight.name}', which "
+                "chooses a level per tensor, but pcb_scope: model cuts every tensor of a model "
+                "at one rank; allowed: a number for pcb_ratio with pcb_scope: model, or "
+                "pcb_scope: tensor with pcb_ratio: auto"
+            )
         for name in WHOLE_MODEL:
             value = task.parameters[name]
             if values.setdefault(name, value) != value:

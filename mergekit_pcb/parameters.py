@@ -31,6 +31,13 @@ class Parameter:
     low_open: bool = False
     high_open: bool = False
     choices: tuple[str, ...] = ()  # a string choice instead of a number
+    keywords: tuple[str, ...] = ()  # strings accepted besides numbers (lambda: auto)
+
+    @property
+    def number_domain(self) -> str:
+        """The domain of the numbers alone (where a keyword such as auto does not apply)."""
+        words = " or ".join(self.keywords)
+        return self.domain.removesuffix(f" or {words}") if words else self.domain
 
     @property
     def allowed(self) -> str:
@@ -38,8 +45,8 @@ class Parameter:
         return f"{self.domain}, {self.description}"
 
     def contains(self, value: float | str) -> bool:
-        if self.choices:
-            return value in self.choices
+        if self.choices or isinstance(value, str):
+            return value in self.choices or value in self.keywords
         if not math.isfinite(value):
             return False
         above = value > self.low if self.low_open else value >= self.low
@@ -60,6 +67,8 @@ class Parameter:
             if isinstance(value, str) and value in self.choices:
                 return value
             raise ValueError(self.error(value))
+        if isinstance(value, str) and value in self.keywords:
+            return value
         number = None
         if not isinstance(value, bool):
             try:
@@ -74,11 +83,15 @@ class Parameter:
 PCB_RATIO = Parameter(
     "pcb_ratio",
     default=0.1,
-    domain="a number in (0, 1]",
-    description="the fraction of entries each model keeps",
+    domain="a number in (0, 1] or auto",
+    description=(
+        "the fraction of entries each model keeps (auto: per tensor, the one of 0.1, 0.2, "
+        "0.4, 0.7 whose merge points most along the sum of the task vectors)"
+    ),
     low=0.0,
     low_open=True,
     high=1.0,
+    keywords=("auto",),
 )
 CLAMP_RATIO = Parameter(
     "clamp_ratio",
@@ -92,8 +105,12 @@ CLAMP_RATIO = Parameter(
 LAMBDA = Parameter(
     "lambda",
     default=1.0,
-    domain="a finite number",
-    description="the scale of the merged task vector",
+    domain="a finite number or auto",
+    description=(
+        "the scale of the merged task vector (auto: per tensor, the scale at which it "
+        "best matches the sum of the task vectors)"
+    ),
+    keywords=("auto",),
 )
 WEIGHT = Parameter(
     "weight",

@@ -50,7 +50,7 @@ def evaluate(setting: Any, tensor_name: str, t: float) -> float | None:
             if pattern is None or pattern == "*" or pattern in tensor_name:
                 return evaluate(item["value"], tensor_name, t)
         return None
-    return float(setting)
+    return setting if setting == "auto" else float(setting)  # lambda: auto
 
 
 def resolve(name: str, scopes: list[dict | None], tensor_name: str, t: float) -> float:

@@ -8,6 +8,7 @@ and our selection shortcuts.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -55,13 +56,49 @@ def reference_merge(
     experts: Sequence[torch.Tensor],
     *,
     weights: Sequence[float] | None = None,
-    pcb_ratio: float = 0.1,
+    pcb_ratio: float | str = 0.1,
     clamp_ratio: float = 1e-4,
-    lam: float = 1.0,
+    lam: float | str = 1.0,
 ) -> torch.Tensor:
-    """theta0 + lambda * m for one tensor, in float64, shaped like ``base``."""
+    """theta0 + lambda * m for one tensor, in float64, shaped like ``base``;
+    ``lam="auto"``: :func:`reference_auto_scale`."""
     base64 = base.to(torch.float64).reshape(-1)
     tau = torch.stack([e.to(torch.float64).reshape(-1) - base64 for e in experts])
     weights = [1.0] * len(experts) if weights is None else weights
-    merged = reference_task_vector(tau, weights, pcb_ratio, clamp_ratio)
+    if pcb_ratio == "auto":
+        merged = reference_ratio_auto(tau, weights, clamp_ratio)
+    else:
+        merged = reference_task_vector(tau, weights, pcb_ratio, clamp_ratio)
+    if lam == "auto":
+        lam = reference_auto_scale(merged, tau, weights)
     return (base64 + lam * merged).reshape(base.shape)
+
+
+def reference_auto_scale(merged: torch.Tensor, tau: torch.Tensor, weights) -> float:
+    """lambda: auto, element by element: the least-squares Lambda of Lambda m ~ s =
+    sum_i w_i tau_i, floored at 0, times min(1, sum_i |w_i tau_i|^2 / |s|^2); 1 where m
+    is zero (nothing to scale)."""
+    m, rows = merged.tolist(), tau.tolist()
+    scaled = [[w * x for x in row] for w, row in zip(weights, rows, strict=True)]
+    total = [math.fsum(row[j] for row in scaled) for j in range(len(m))]
+    along = math.fsum(a * b for a, b in zip(m, total, strict=True))
+    across = math.fsum(a * a for a in m)
+    if across == 0:
+        return 1.0
+    energy = math.fsum(x * x for row in scaled for x in row)
+    spread = math.fsum(x * x for x in total)
+    return max(0.0, along / across) * (min(1.0, energy / spread) if spread > 0 else 1.0)
+
+
+def reference_ratio_auto(tau: torch.Tensor, weights, clamp_ratio: float) -> torch.Tensor:
+    """pcb_ratio: auto: the m of the level of 0.1, 0.2, 0.4, 0.7 with the largest cosine
+    with s = sum_i w_i tau_i (the first on a tie)."""
+    s = (torch.tensor(list(weights), dtype=torch.float64)[:, None] * tau.double()).sum(0)
+    best = None
+    for ratio in (0.1, 0.2, 0.4, 0.7):
+        m = reference_task_vector(tau, weights, ratio, clamp_ratio)
+        norms = float(m.norm() * s.norm())
+        cosine = float(m @ s) / norms if norms > 0 else -math.inf
+        if best is None or cosine > best[0]:
+            best = (cosine, m)
+    return best[1]

@@ -45,11 +45,18 @@ def _mergekit(cfg, values, layout, tmp_path) -> dict:
 
 
 @pytest.mark.parametrize(
-    "dtype,groups,disk,clamp",
-    [("float32", 2, False, 0.01), ("bfloat16", 1, True, 0.01), ("bfloat16", 1, False, 0.0)],
+    "dtype,groups,disk,clamp,lam",
+    [
+        ("float32", 2, False, 0.01, 1.37),
+        ("bfloat16", 1, True, 0.01, 1.37),
+        ("bfloat16", 1, False, 0.0, 1.37),
+        ("float32", 2, False, 0.01, "auto"),
+        ("bfloat16", 1, False, 0.0, "auto"),
+    ],
 )
-def test_candidate_equals_mergekit_yaml(family, tmp_path, dtype, groups, disk, clamp):
-    """clamp_ratio 0.01 takes the stored path on these tensors, 0.0 the streamed one."""
+def test_candidate_equals_mergekit_yaml(family, tmp_path, dtype, groups, disk, clamp, lam):
+    """clamp_ratio 0.01 takes the stored path on these tensors, 0.0 the streamed one;
+    ``lambda: auto`` (search.lambda: auto) chooses the same scales in both."""
     cfg = _cfg(
         family,
         tmp_path,
@@ -58,7 +65,7 @@ def test_candidate_equals_mergekit_yaml(family, tmp_path, dtype, groups, disk, c
         parameters={"clamp_ratio": clamp},
     )
     ratios = (0.3, 0.07)[:groups]
-    values = layout_mod.Values(ratios, 1.37, (0.9, 1.2, 0.6))
+    values = layout_mod.Values(ratios, lam, (0.9, 1.2, 0.6))
     layout, group_of, cache, state = _search_state(
         cfg, values, cache_dir=tmp_path / "cache", force_disk=disk
     )
@@ -152,3 +159,30 @@ def test_cache_inputs_and_storage_do_not_change_the_merge(family, bin_family, tm
     from_bin = writer.state()
     assert from_bin.keys() == in_memory.keys()
     assert all(torch.equal(in_memory[n], t) for n, t in from_bin.items())
+
+
+def test_start_lambda_auto_is_the_median_of_autos_scales(family, tmp_path):
+    """optimizer.start.lambda: auto starts the searched lambda at the median of the
+    per-tensor scales, each checked against the float64 reference."""
+    import statistics
+
+    from reference import reference_auto_scale, reference_task_vector
+
+    from mergekit_pcb.evolve import auto_start
+    from mergekit_pcb.evolve.search import start_values
+
+    cfg = _cfg(family, tmp_path, optimizer={"start": {"lambda": "auto", "pcb_ratio": 0.3}})
+    layout, _, groups, cache = planned_cache(cfg, memory_bytes=1e12)
+    default = layout_mod.default_values(cfg.inputs, layout.groups)
+    opt = auto_start.resolve(cfg.optimizer, cfg.search, cache, start_values(cfg.optimizer, default))
+    base = load_tensors(family.base)
+    experts = [load_tensors(e) for e in family.experts]
+    expected = []
+    for name in cache.names:
+        tau = torch.stack([(e[name].double() - base[name].double()).flatten() for e in experts])
+        if tau.abs().max() == 0:
+            continue
+        m = reference_task_vector(tau, [1.0] * 3, 0.3, 0.01)
+        expected.append(reference_auto_scale(m, tau, [1.0] * 3))
+    assert opt.start.lambda_ == pytest.approx(statistics.median(expected), rel=1e-5)
+    assert opt.start.pcb_ratio == 0.3 and cfg.optimizer.start.lambda_ == "auto"

@@ -328,6 +328,43 @@ def test_model_scope_numbers_equal_the_whole_model_reference(tmp_path, family):
     assert not report["sweep"]["exact"] and report["sampled"]["sweep"]
 
 
+def test_lambda_auto_is_reported_as_the_merge_chooses_it(tmp_path, family):
+    """Each tensor's chosen scale against the float64 reference; the spread in the
+    report's parameters and the summary; the merge writes what inspect says."""
+    from reference import reference_auto_scale, reference_task_vector
+
+    lines = "".join(f"  - model: {e}\n" for e in family.experts)
+    lam = "[{filter: mlp, value: auto}, {value: 0.9}]"
+    text = (
+        f"merge_method: pcb\nbase_model: {family.base}\nmodels:\n{lines}"
+        f"parameters:\n  pcb_ratio: 0.3\n  lambda: {lam}\n"
+    )
+    report, _ = inspect(tmp_path, "auto", text)
+    base = load_tensors(family.base)
+    experts = [load_tensors(e) for e in family.experts]
+    chosen = []
+    for record in report["tensors"]:
+        name = record["name"]
+        if "mlp" not in name:
+            assert record["lambda"] == 0.9 and record["lambda_chosen"] is None
+            continue
+        assert record["lambda"] == "auto"
+        tau = torch.stack([(e[name].double() - base[name].double()).flatten() for e in experts])
+        if not record["scored"]:
+            assert record["lambda_chosen"] is None
+            continue
+        m = reference_task_vector(tau, [1.0] * 3, 0.3, 1e-4)
+        expected = reference_auto_scale(m, tau, [1.0] * 3)
+        assert record["lambda_chosen"] == pytest.approx(expected, rel=1e-5), name
+        chosen.append(record["lambda_chosen"])
+    spread = report["parameters"]["lambda"]
+    assert spread["fixed"] == 0.9 and spread["auto"]["tensors"] == 3 * NUM_LAYERS
+    assert spread["auto"]["median"] == pytest.approx(sorted(chosen)[len(chosen) // 2])
+    assert spread["auto"]["min"] == min(chosen) and spread["auto"]["max"] == max(chosen)
+    said = " ".join(s["text"] for s in report["summary"])
+    assert f"Configured: lambda auto on {3 * NUM_LAYERS} tensors (chose" in said
+
+
 # ------------------------------------------------------------------ the example and the page
 
 

@@ -100,6 +100,10 @@ def test_tuning_stays_on_the_declared_grid(quick):
             continue
         sweep = row["sweep_seed0"]
         (chosen,) = row["chosen"]
+        if label in UNTUNED:  # nothing chosen on validation: the fixed values, no examples
+            assert {k: v for k, v in chosen.items() if k != "seed"} == UNTUNED[label], label
+            assert row["examples_scored"] == [0] and len(sweep) == 1
+            continue
         if "lambda" in chosen:
             assert chosen["lambda"] in scales
         for key in ("density", "pcb_ratio"):
@@ -125,6 +129,27 @@ def test_tuning_stays_on_the_declared_grid(quick):
             assert len(sweep) == len(scales)
 
 
+def test_untuned_rows_and_autos_scales(quick):
+    """pcb (defaults) and pcb (auto) are there; auto's per-tensor spread is recorded and
+    its row differs from the defaults' (it scaled something)."""
+    _, res = quick
+    rows = res["methods"]
+    assert {"pcb (defaults)", "pcb (lambda: auto)", "pcb (auto)"} <= set(rows)
+    ((spread,),) = [rows["pcb (auto)"]["lambda_auto"]]
+    assert 0 <= spread["min"] <= spread["median"] <= spread["max"]
+    assert "lambda_auto" not in rows["pcb (defaults)"]
+    assert (
+        rows["pcb (auto)"]["per_seed_normalized"] != rows["pcb (defaults)"]["per_seed_normalized"]
+    )
+    assert "pcb (auto) - pcb (defaults)" in res["comparisons"]
+
+
+UNTUNED = {
+    "linear": {"weight": 1.0, "normalize": True},
+    "pcb (defaults)": {"weight": 1.0, "pcb_ratio": 0.1, "lambda": 1.0},
+    "pcb (lambda: auto)": {"weight": 1.0, "pcb_ratio": 0.1, "lambda": "auto"},
+    "pcb (auto)": {"weight": 1.0, "pcb_ratio": "auto", "lambda": "auto"},
+}
 SEARCH_ROWS = (
     "pcb + evolve",
     "pcb + evolve (1/3 budget)",

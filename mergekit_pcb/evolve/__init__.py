@@ -15,7 +15,8 @@ The search runs six steps (:mod:`.search` drives them, in this order):
    in the unit cube; PCB's defaults, ``optimizer.start`` and the sweep come first.
    :mod:`.optimizers` (the interface; :mod:`.optimizers.cmaes`, :mod:`.optimizers.samplers`
    for optuna's TPE and GP, :mod:`.optimizers.uniform` for random), :mod:`.candidate`
-   (:class:`~.candidate.Genome`: cube <-> PCB values).
+   (:class:`~.candidate.Genome`: cube <-> PCB values), :mod:`.auto_start`
+   (``optimizer.start.lambda: auto``: the start at pcb's own scale).
 4. **Score at a fidelity.** Merge each candidate into one loaded model (no file per
    candidate) and score it on a slice of every task: the first examples of the
    search split that the schedule gives its rung.

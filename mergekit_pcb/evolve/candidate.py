@@ -106,9 +106,11 @@ def merged_tensor(
     experts: Sequence[torch.Tensor],
     values: Values,
     out: torch.Tensor | None = None,
+    on_scale=None,
 ) -> torch.Tensor:
     """One tensor of the candidate (flat), from its inputs (base and experts in the
-    cache's row order): into ``out`` where given and the known-cut merge applies."""
+    cache's row order): into ``out`` where given and the known-cut merge applies.
+    ``on_scale``: told the scale ``lambda: auto`` chooses."""
     if tensor.unchanged:
         return base
     weights_of = [values.weights[r] for r in tensor.rows]
@@ -134,11 +136,12 @@ def merged_tensor(
             pcb_ratio=ratio,
             clamp_ratio=tensor.clamp_ratio,
             scale=values.lambda_,
+            on_scale=on_scale,
         )
         return merged.reshape(-1)
     stats = tensor.statistics.rows(order) if reordered else tensor.statistics
     return known_cuts.merge(
-        base, experts, coefficients, stats, level, scale=values.lambda_, out=out
+        base, experts, coefficients, stats, level, scale=values.lambda_, out=out, on_scale=on_scale
     )
 
 

@@ -65,7 +65,7 @@ def _range(name: str, value: Any) -> tuple[float, float]:
     parameter = SEARCHED[name]
     if isinstance(value, bool):
         raise ValueError(
-            f"search.{name}: got {value!r}; allowed: {parameter.domain} or [low, high]"
+            f"search.{name}: got {value!r}; allowed: {parameter.number_domain} or [low, high]"
         )
     if isinstance(value, (int, float)):
         low = high = float(value)
@@ -77,12 +77,12 @@ def _range(name: str, value: Any) -> tuple[float, float]:
         low, high = float(value[0]), float(value[1])
     else:
         raise ValueError(
-            f"search.{name}: got {value!r}; allowed: one number ({parameter.domain}) "
+            f"search.{name}: got {value!r}; allowed: one number ({parameter.number_domain}) "
             "or a range [low, high]"
         )
     for end, x in (("low", low), ("high", high)):
         if not parameter.contains(x):
-            raise ValueError(f"search.{name}: {end} end {x!r} is outside {parameter.domain}")
+            raise ValueError(f"search.{name}: {end} end {x!r} is outside {parameter.number_domain}")
     if low > high:
         raise ValueError(f"search.{name}: range [{low}, {high}] has low > high")
     return low, high

@@ -18,8 +18,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mergekit_pcb.evolve import auto_start, optimizers
 from mergekit_pcb.evolve import layout as layout_mod
-from mergekit_pcb.evolve import optimizers
 from mergekit_pcb.evolve.cache import build as build_cache
 from mergekit_pcb.evolve.cache import fingerprint as cache_fingerprint
 from mergekit_pcb.evolve.cache import ratio_levels
@@ -222,12 +222,32 @@ def run_search(cfg: EvolveConfig, out: Path, opts: RunOptions) -> dict:
 
         pool = LocalPool(Evaluator(inputs, tasks, cache, opts.root, cfg.cache.gpu_memory_gb))
     try:
+        default = layout_mod.default_values(inputs, layout.groups)
+        opt = auto_start.resolve(opt, cfg.search, cache, start_values(opt, default))
         search = _Search(opt, cfg.search, tasks, genome, schedule, budget, history, pool, clock)
-        search.run(layout_mod.default_values(inputs, layout.groups), opts.progress)
+        search.run(default, opts.progress)
         # 6. Report.
         return _finish(cfg, out, opts, search, layout, groups, cache.names)
     finally:
         pool.close()
+
+
+def start_values(opt: Optimizer, default: Values) -> Values:
+    """``optimizer.start`` as values, unnamed quantities at ``default``."""
+    if opt.start is None:
+        return default
+    weights = opt.start.weight
+    if weights is None:
+        weights = default.weights
+    elif not isinstance(weights, list):
+        weights = (weights,) * len(default.weights)
+    return Values(
+        (opt.start.pcb_ratio,) * len(default.pcb_ratio)
+        if opt.start.pcb_ratio is not None
+        else default.pcb_ratio,
+        opt.start.lambda_ if opt.start.lambda_ is not None else default.lambda_,
+        tuple(float(w) for w in weights),
+    )
 
 
 def warmup_points(opt: Optimizer, search: SearchSpace, genome: Genome, default: Values):
@@ -239,21 +259,7 @@ def warmup_points(opt: Optimizer, search: SearchSpace, genome: Genome, default: 
     with every layer group at one ratio and the weights at the start's values.
     Everything is clipped into the searched ranges.
     """
-    base = default
-    if opt.start is not None:
-        weights = opt.start.weight
-        if weights is None:
-            weights = base.weights
-        elif not isinstance(weights, list):
-            weights = (weights,) * len(base.weights)
-        base = Values(
-            (opt.start.pcb_ratio,) * len(base.pcb_ratio)
-            if opt.start.pcb_ratio is not None
-            else base.pcb_ratio,
-            opt.start.lambda_ if opt.start.lambda_ is not None else base.lambda_,
-            tuple(float(w) for w in weights),
-        )
-    base = genome.decode(genome.encode(base))
+    base = genome.decode(genome.encode(start_values(opt, default)))
     points = [("start", 0, base)] if opt.start is not None else []
     if opt.sweep:
 

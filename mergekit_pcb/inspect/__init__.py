@@ -53,6 +53,12 @@ def run(
         raise InspectError(
             f"{config_path}: no tensor is merged by pcb; allowed: a config with merge_method: pcb"
         )
+    ratio_auto = [t.name for t in plan.tensors if t.task.parameters["pcb_ratio"] == "auto"]
+    if ratio_auto:  # its sweep and histograms are per level; not built for a chosen level
+        raise InspectError(
+            f"{config_path}: pcb_ratio is auto for '{ratio_auto[0]}', which inspect does not "
+            "take yet; allowed: a number for pcb_ratio (inspect's sweep shows every level)"
+        )
     selected = planning.select(plan.tensors, pattern)
     if not selected:
         example = plan.tensors[0].name

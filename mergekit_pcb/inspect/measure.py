@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from mergekit_pcb import groups, kernel
+from mergekit_pcb.kernel import auto_scale
 from mergekit_pcb.kernel.known_cuts import cut_values
 from mergekit_pcb.kernel.whole_model import row_statistics
 
@@ -43,7 +44,7 @@ class TensorRecord:
     weights: list[float]
     pcb_ratio: float
     clamp_ratio: float
-    lambda_: float
+    lambda_: float | str
     kept: list[int]  # entries with W > 0
     wins: list[int]  # entries where this row's W is the largest (> 0; ties: first row)
     abs_sum: list[float]  # sum of |tau|
@@ -56,6 +57,7 @@ class TensorRecord:
     merged_sq: float  # |m|^2 of the merged task vector at lambda 1
     cut: list[float]  # each row's cut t over its max B (the scale of the histograms)
     scored: bool = True  # False where no expert changed the tensor (nothing to score)
+    lambda_chosen: float | None = None  # the scale lambda: auto chose (as the merge does)
     sweep_kept: list[list[int]] | None = None  # rows x SWEEP, exact (tensor scope)
     sweep_conflict: list[int] | None = None  # SWEEP, exact (tensor scope)
 
@@ -240,6 +242,9 @@ def measure(
         record.scored = False
         return record
 
+    auto = auto_scale.is_auto(params["lambda"])
+    coefficient_row = torch.tensor(coefficients, dtype=tau.dtype)
+    total = auto_scale.Stored(tau, coefficient_row) if auto else None  # before tau is used
     if statistics is not None:
         whole = row_statistics([statistics[e.id] for e in experts], tau.dtype, tau.device)
         clipped, score = kernel.scores(tau, whole.bounds)
@@ -256,9 +261,12 @@ def measure(
     weights = kernel.drop_weights(score, ratio, threshold=threshold, top=top, out=score)
     for key, value in _after(weights, clipped).items():
         setattr(record, key, value)
-    merged = kernel.combine(clipped, weights, torch.tensor(coefficients, dtype=clipped.dtype))
+    merged = kernel.combine(clipped, weights, coefficient_row)
     record.merged_sq = float(torch.linalg.vector_norm(merged, dtype=torch.float64) ** 2)
-    written = kernel.add_scaled(vectors.base, merged, params["lambda"], base.dtype)
+    lam = params["lambda"]
+    if auto:
+        lam = record.lambda_chosen = total.choose(merged)
+    written = kernel.add_scaled(vectors.base, merged, lam, base.dtype)
     # Where the merge stops (a float16 overflow), inspect stops with the same message.
     error = groups.non_finite_output(group, written, planned.out_dtype)
     if error is not None:

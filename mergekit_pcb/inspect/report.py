@@ -5,9 +5,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from mergekit_pcb import chosen_scales
 from mergekit_pcb.inspect import numbers, summary
 from mergekit_pcb.inspect.measure import Sample, TensorRecord
 from mergekit_pcb.inspect.planning import EMBEDDINGS, HEAD, Plan, label_models
+from mergekit_pcb.kernel.auto_scale import AUTO
 
 FORMAT = 1
 
@@ -18,6 +20,19 @@ def _values(records: Sequence[TensorRecord], key: str) -> Any:
     if len(found) == 1:
         return found[0]
     return {"min": found[0], "max": found[-1]} if found else None
+
+
+def _lambda(records: Sequence[TensorRecord]) -> Any:
+    """As :func:`_values`; where ``lambda: auto`` ran, the spread of what it chose."""
+    auto = [r for r in records if r.lambda_ == AUTO]
+    if not auto:
+        return _values(records, "lambda_")
+    chosen = chosen_scales.spread({r.name: r.lambda_chosen for r in auto}) or {}
+    fixed = [r for r in records if r.lambda_ != AUTO]
+    return {
+        "auto": {"tensors": len(auto), **chosen},
+        "fixed": _values(fixed, "lambda_") if fixed else None,
+    }
 
 
 def _groups(records: Sequence[TensorRecord], plan: Plan, labels: Sequence[str]) -> list[dict]:
@@ -101,7 +116,7 @@ def build(
         "parameters": {
             "pcb_ratio": _values(records, "pcb_ratio"),
             "clamp_ratio": _values(records, "clamp_ratio"),
-            "lambda": _values(records, "lambda_"),
+            "lambda": _lambda(records),
             "pcb_scope": plan.scope,
         },
         "whole_model": whole,

@@ -32,6 +32,12 @@ def number(value: float | None) -> str:
 
 
 def ratio_text(value: Any) -> str:
+    if isinstance(value, dict) and "auto" in value:  # lambda: auto, and what it chose
+        auto = value["auto"]
+        text = f"auto on {auto['tensors']} tensors"
+        if "median" in auto:
+            text += f" (chose {auto['median']:.3g}, from {auto['min']:.3g} to {auto['max']:.3g})"
+        return text + (f", else {ratio_text(value['fixed'])}" if value["fixed"] is not None else "")
     if isinstance(value, dict):
         return f"{value['min']:g}-{value['max']:g} (varies by tensor)"
     return f"{value:g}"
@@ -216,8 +222,8 @@ def _norms(report: dict) -> list[dict]:
         f"it, so lambda near {matching} would give it the experts' mean norm."
     )
     lam = report["parameters"]["lambda"]
-    if not isinstance(lam, dict):
-        text += f" Configured: lambda {lam:g}."
+    if not isinstance(lam, dict) or "auto" in lam:
+        text += f" Configured: lambda {ratio_text(lam)}."
     return [s.done(text)]
 
 

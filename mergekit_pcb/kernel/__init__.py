@@ -52,6 +52,7 @@ from mergekit_pcb.kernel.experts import (
 )
 from mergekit_pcb.kernel.paths import (
     NonFiniteTaskVector,
+    merge_ratio_auto,
     merge_stored,
     merge_streamed,
     merge_with_statistics,
@@ -78,6 +79,7 @@ __all__ = [
     "content_keys",
     "cut_index",
     "drop_weights",
+    "merge_ratio_auto",
     "merge_stored",
     "merge_streamed",
     "merge_with_statistics",

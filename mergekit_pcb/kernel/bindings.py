@@ -236,7 +236,8 @@ def combine_streamed(
 ) -> None:
     """Steps 1-4 and 9-11 for ``cols`` from the inputs and B: ``output`` is (base, lambda,
     out), and out gets what :func:`add_scaled_chunk` makes of the merged task vector
-    (the same floats as :func:`combine_chunk` gives), which is never stored.
+    (the same floats as :func:`combine_chunk` gives), which is never stored; with
+    lambda None, out (float32) gets m itself.
     ``sums``: two scratch vectors of the chunk's width."""
     loops = _loops()
     numerator, denominator = (t.numpy() for t in sums)
@@ -252,6 +253,9 @@ def combine_streamed(
             f32(t[i]), f32(width[i]), f32(weight[i]), numerator, denominator,
         )  # fmt: skip
     base, scale, out = output
+    if scale is None:  # lambda: auto: m itself (float32) into out, scaled later
+        loops.finish(numerator, denominator, out[cols].numpy())
+        return
     base_bits, shift, target, to_bf16 = _output_args(base, out)
     loops.finish_output(
         numerator, denominator, base_bits, shift, cols.start, cols.stop, f32(scale), target, to_bf16
@@ -290,7 +294,7 @@ def merge_chunk_known(
     known: :func:`scores_streamed` then :func:`combine_streamed` on the chunk alone,
     with B in an n x w ``scratch`` (scores, column total, numerator, denominator)
     instead of an n x d buffer. The same loops on the same blocks: the same floats.
-    ``output``: (lambda, the flat output of d)."""
+    ``output``: (lambda, the flat output of d); lambda None: m itself into a float32 out."""
     loops = _loops()
     chunk = _columns(source, cols)
     w = cols.stop - cols.start
@@ -316,8 +320,40 @@ def merge_chunk_known(
             f32(t[i]), f32(kept[i]), f32(weight[i]), numerator, denominator,
         )  # fmt: skip
     scale_out, out = output
+    if scale_out is None:  # lambda: auto: m itself (float32) into out, scaled later
+        loops.finish(numerator, denominator, out[cols].numpy())
+        return
     target = out[cols].view(_PATTERNS[out.dtype][0]).numpy()
     loops.finish_output(
         numerator, denominator, *chunk.base, 0, w, f32(scale_out), target,
         out.dtype == torch.bfloat16,
     )  # fmt: skip
+
+
+def auto_sums_streamed(source: Inputs, cols: slice, weights: Sequence[float], merged) -> tuple:
+    """lambda: auto's (<m, s>, |m|^2, |s|^2, E) on ``cols``, tau made from the inputs
+    (the float32 m of those columns given); the same floats as :func:`auto_sums_stored`."""
+    loops = _loops()
+    total = np.zeros(cols.stop - cols.start, np.float64)
+    energy = 0.0
+    for expert, weight in zip(source.experts, weights, strict=True):
+        energy += loops.weighted_input_row(
+            (*expert, *source.base), cols.start, cols.stop, np.float64(weight), total
+        )
+    return (*loops.auto_dots(merged.numpy(), total.astype(np.float32)), energy)
+
+
+def auto_task_sum(rows: torch.Tensor, weights: Sequence[float], out: torch.Tensor) -> float:
+    """s of a stored float32 n x w chunk of tau into ``out`` (rounded once to float32);
+    returns its E. See :func:`auto_sums_streamed`."""
+    loops = _loops()
+    total = np.zeros(rows.shape[1], np.float64)
+    energy = 0.0
+    for row, weight in zip(rows, weights, strict=True):
+        energy += loops.weighted_row(row.numpy(), np.float64(weight), total)
+    out.numpy()[:] = total.astype(np.float32)
+    return energy
+
+
+def auto_dots(merged: torch.Tensor, total: torch.Tensor) -> tuple[float, float, float]:
+    return _loops().auto_dots(merged.numpy(), total.numpy())

@@ -25,13 +25,13 @@ selection in the same order of floats (radix selection's: -0.0 below +0.0).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 
-from mergekit_pcb.kernel import bindings, selection, streamed
+from mergekit_pcb.kernel import auto_scale, bindings, selection, streamed
 from mergekit_pcb.kernel.experts import task_vectors
 from mergekit_pcb.kernel.paths import NonFiniteTaskVector, streams
 from mergekit_pcb.kernel.runtime import (
@@ -205,26 +205,36 @@ def merge(
     stats: Statistics,
     level: int,
     *,
-    scale: float,
+    scale: float | str,
     out: torch.Tensor | None = None,
+    on_scale: Callable[[float], None] | None = None,
 ) -> torch.Tensor:
     """base + scale * m (flat, in the base's dtype, on its device) with the cut at
     ``stats.cuts[:, level]``: the floats of the merge of ``stats.flavour`` at that
     level's ratio, for the experts in the order ``stats`` has its rows. Written into
-    ``out`` (flat, contiguous, the base's dtype and device) when given."""
+    ``out`` (flat, contiguous, the base's dtype and device) when given. ``scale``
+    "auto": as in :func:`.paths.merge_streamed` (m kept in float32, then step 11)."""
     flat = base.reshape(-1)
     if out is None:
         out = torch.empty_like(flat)
     if not stats.changed:
         return out.copy_(flat)
     if stats.flavour == STREAMED:
-        _merge_streamed(flat, experts, coefficients, stats, level, scale, out)
+        _merge_streamed(flat, experts, coefficients, stats, level, scale, out, on_scale)
     else:
-        _merge_stored(flat, experts, coefficients, stats, level, scale, out)
+        _merge_stored(flat, experts, coefficients, stats, level, scale, out, on_scale)
     return out
 
 
-def _merge_streamed(base, experts, coefficients, stats, level, scale, out) -> None:
+def _auto(merged, base, partials, on_scale, out) -> None:
+    """Step 11 with :mod:`.auto_scale`'s choice from the chunks' partial sums."""
+    chosen = auto_scale.scale_of(partials)
+    if on_scale is not None:
+        on_scale(chosen)
+    out.copy_(add_scaled(base, merged, chosen, base.dtype))
+
+
+def _merge_streamed(base, experts, coefficients, stats, level, scale, out, on_scale) -> None:
     n, d = len(experts), base.numel()
     inputs = bindings.inputs(base, experts)
     clip = (stats.low.contiguous(), stats.high.contiguous())
@@ -232,7 +242,10 @@ def _merge_streamed(base, experts, coefficients, stats, level, scale, out) -> No
     threshold = stats.cuts[:, level].contiguous()
     span = safe_span(threshold, stats.top)
     weights = torch.tensor(list(coefficients), dtype=torch.float32)
-    output = (scale, out)
+    auto = auto_scale.is_auto(scale)
+    merged = torch.empty(d, dtype=torch.float32) if auto else None
+    output = (None, merged) if auto else (scale, out)
+    partials: dict[int, auto_scale.Partial] = {}
 
     def chunk(cols: slice) -> None:
         w = cols.stop - cols.start
@@ -243,11 +256,17 @@ def _merge_streamed(base, experts, coefficients, stats, level, scale, out) -> No
             buffer(Role.STREAMED_DENOMINATOR, w, torch.float32, "cpu"),
         )
         bindings.merge_chunk_known(inputs, cols, rows, threshold, span, weights, output, scratch)
+        if auto:
+            partials[cols.start] = bindings.auto_sums_streamed(
+                inputs, cols, weights.tolist(), merged[cols]
+            )
 
     map_chunks(chunk, column_chunks(n, d), "cpu")
+    if auto:
+        _auto(merged, base, partials, on_scale, out)
 
 
-def _merge_stored(base, experts, coefficients, stats, level, scale, out) -> None:
+def _merge_stored(base, experts, coefficients, stats, level, scale, out, on_scale) -> None:
     """As :func:`.paths.merge_stored`: per chunk, tau as task_vectors makes it, then
     scores -> drop_weights -> combine (the floats of pcb_task_vector's chunks); step 11
     over the whole tensor at once, as there (torch's own threads split an op by its size)."""
@@ -261,6 +280,8 @@ def _merge_stored(base, experts, coefficients, stats, level, scale, out) -> None
     top = stats.top.to(device, work)
     weights = torch.tensor(list(coefficients), dtype=work, device=device)
     merged = torch.empty(d, dtype=work, device=device)
+    auto = auto_scale.is_auto(scale)
+    partials: dict[int, auto_scale.Partial] = {}
 
     def chunk(cols: slice) -> None:
         w = cols.stop - cols.start
@@ -270,10 +291,16 @@ def _merge_stored(base, experts, coefficients, stats, level, scale, out) -> None
             base_chunk = buffer(Role.TASK_VECTORS_BASE, w, work, device).copy_(base_chunk)
         for i, row in enumerate(rows):
             torch.sub(row[cols], base_chunk, out=tau[i])
+        total = auto_scale.task_sum(tau, weights.tolist()) if auto else None
         score = buffer(Role.CHUNK_SCORES, n * w, work, device).view(n, w)
         clipped, score = scores(tau, bounds, out=score)
         kept = drop_weights(score, 1.0, threshold=threshold, top=top, out=score)
         merged[cols] = combine(clipped, kept, weights)
+        if auto:
+            partials[cols.start] = auto_scale.partial(merged[cols], *total)
 
     map_chunks(chunk, column_chunks(n, d, device=device), device)
-    out.copy_(add_scaled(base, merged, scale, base.dtype))
+    if auto:
+        _auto(merged, base, partials, on_scale, out)
+    else:
+        out.copy_(add_scaled(base, merged, scale, base.dtype))

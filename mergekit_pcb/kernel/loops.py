@@ -474,3 +474,50 @@ def rank_patterns(bits, ranks, out):
             rest -= row[low]
             low += 1
         out[r] = _order_key(np.int32(((rank_bin[r] << low_bits) | low) - offset))
+
+
+# ---------------------------------------------------------------- lambda: auto's sums
+
+
+@njit(inline="always")
+def _add_weighted(row, w, weight, total, energy):
+    """total += weight * row (float64, per column) over w columns; returns ``energy``
+    plus the (weight * row)^2, added column by column (the same order however the
+    columns are blocked)."""
+    for j in range(w):
+        x = np.float64(row[j]) * weight
+        total[j] += x
+        energy += x * x
+    return energy
+
+
+@njit(nogil=True, cache=True, boundscheck=False)
+def weighted_row(row, weight, total):
+    """One stored float32 tau row's share of s and E (see auto_scale), whole slice."""
+    return _add_weighted(row, row.shape[0], weight, total, 0.0)
+
+
+@njit(nogil=True, cache=True, boundscheck=False)
+def weighted_input_row(source, start, stop, weight, total):
+    """As weighted_row, with tau made from the inputs as the other ``*_row`` loops do."""
+    row = np.empty(_BLOCK, np.float32)
+    scratch = np.empty((2, _BLOCK), np.int32)
+    energy = 0.0
+    for first in range(start, stop, _BLOCK):
+        w = min(first + _BLOCK, stop) - first
+        _task_vector(source, first, w, row, scratch)
+        energy = _add_weighted(row, w, weight, total[first - start : first - start + w], energy)
+    return energy
+
+
+@njit(nogil=True, cache=True, boundscheck=False)
+def auto_dots(merged, total):
+    """(<m, s>, |m|^2, |s|^2) of float32 vectors, in float64, column by column."""
+    ms = mm = ss = 0.0
+    for j in range(merged.shape[0]):
+        m = np.float64(merged[j])
+        s = np.float64(total[j])
+        ms += m * s
+        mm += m * m
+        ss += s * s
+    return ms, mm, ss

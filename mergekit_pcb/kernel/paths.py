@@ -15,18 +15,20 @@ of additions.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
-from mergekit_pcb.kernel import bindings, runtime, selection, streamed
+from mergekit_pcb.kernel import auto_scale, bindings, runtime, selection, streamed
 from mergekit_pcb.kernel.experts import TaskVectors, task_vectors
 from mergekit_pcb.kernel.runtime import Role, column_pieces, compute_dtype, owns_threads
 from mergekit_pcb.kernel.torch_ops import (
     ClipSelection,
     add_scaled,
     combine,
+    cut_index,
     drop_weights,
+    order_statistics,
     pcb_task_vector,
     quantile_indices,
     scores,
@@ -60,10 +62,12 @@ def merge_streamed(
     *,
     pcb_ratio: float,
     clamp_ratio: float,
-    scale: float,
+    scale: float | str,
+    on_scale: Callable[[float], None] | None = None,
 ) -> torch.Tensor:
     """base + scale * m in the base's dtype and shape (the base itself if no expert
-    changed it), read straight from the inputs, where :func:`streams` says so."""
+    changed it), read straight from the inputs, where :func:`streams` says so.
+    ``scale`` "auto": :mod:`.auto_scale` chooses it, and ``on_scale`` is told."""
     inputs = streamed.source(base, experts)
     stats = streamed.statistics(inputs, clamp_ratio)
     if not stats.finite:
@@ -71,7 +75,7 @@ def merge_streamed(
     if not stats.changed:
         return base
     weights = torch.tensor(coefficients, dtype=torch.float32)
-    merged = streamed.merge(inputs, stats.bounds, weights, pcb_ratio, scale)
+    merged = streamed.merge(inputs, stats.bounds, weights, pcb_ratio, scale, on_scale)
     return merged.reshape(base.shape)
 
 
@@ -90,6 +94,16 @@ def _weights(coefficients: Sequence[float], like: torch.Tensor) -> torch.Tensor:
     return torch.tensor(coefficients, dtype=like.dtype, device=like.device)
 
 
+def _scale(scale, merged, total, tau, on_scale) -> float:
+    """The fixed scale, or the one :mod:`.auto_scale` chooses (``total``: its Stored)."""
+    if total is None:
+        return scale
+    chosen = total.choose(merged)
+    if on_scale is not None:
+        on_scale(chosen)
+    return chosen
+
+
 @owns_threads
 def merge_stored(
     base: torch.Tensor,
@@ -98,7 +112,8 @@ def merge_stored(
     *,
     pcb_ratio: float,
     clamp_ratio: float,
-    scale: float,
+    scale: float | str,
+    on_scale: Callable[[float], None] | None = None,
 ) -> torch.Tensor:
     """As :func:`merge_streamed`, from task vectors stored once (any device and dtype)."""
     clip = ClipSelection(len(experts), base.numel(), compute_dtype(base.dtype), clamp_ratio)
@@ -106,14 +121,16 @@ def merge_stored(
     if not vectors.changed:
         return base
     tau = vectors.tau
+    weights = _weights(coefficients, tau)
+    total = auto_scale.Stored(tau, weights) if auto_scale.is_auto(scale) else None
     merged = pcb_task_vector(
         tau,
-        _weights(coefficients, tau),
+        weights,
         pcb_ratio=pcb_ratio,
         clamp_ratio=clamp_ratio,
         bounds=clip.finish(tau),
     )
-    return _output(vectors, merged, scale, base)
+    return _output(vectors, merged, _scale(scale, merged, total, tau, on_scale), base)
 
 
 @owns_threads
@@ -124,7 +141,8 @@ def merge_with_statistics(
     statistics: Sequence[ModelStatistics],
     *,
     pcb_ratio: float,
-    scale: float,
+    scale: float | str,
+    on_scale: Callable[[float], None] | None = None,
 ) -> torch.Tensor:
     """As :func:`merge_stored`, with the clip bounds, cut and max B of each expert's
     whole model (:mod:`.whole_model`) instead of this tensor's own.
@@ -132,7 +150,12 @@ def merge_with_statistics(
     With every statistic known, each column depends on its own inputs alone, so the
     tensor is merged one piece of columns at a time (:func:`.runtime.column_pieces`:
     whole chunks, the same floats) and holds tau and B of one piece, not n x d of
-    each: at a 70B model's embedding that is the difference between 25 GB and 0.5 GB."""
+    each: at a 70B model's embedding that is the difference between 25 GB and 0.5 GB.
+    With ``scale`` "auto" the whole tensor at once (:func:`_merge_with_statistics_whole`)."""
+    if auto_scale.is_auto(scale):
+        return _merge_with_statistics_whole(
+            base, experts, coefficients, statistics, pcb_ratio, scale, on_scale
+        )
     n, d = len(experts), base.numel()
     flat = base.reshape(-1)
     rows = [e.reshape(-1) for e in experts]
@@ -157,3 +180,63 @@ def merge_with_statistics(
     if not changed:
         return base
     return out.reshape(base.shape)
+
+
+def _merge_with_statistics_whole(
+    base, experts, coefficients, statistics, pcb_ratio, scale, on_scale
+):
+    """merge_with_statistics with ``lambda: auto``: its scale needs all of m before step
+    11, so tau and B of the whole tensor are held (as before issue 24)."""
+    vectors = _task_vectors(base, experts)
+    if not vectors.changed:
+        return base
+    tau = vectors.tau
+    coefficients = _weights(coefficients, tau)
+    total = auto_scale.Stored(tau, coefficients) if auto_scale.is_auto(scale) else None
+    rows = row_statistics(statistics, tau.dtype, tau.device)
+    clipped, score = scores(tau, rows.bounds)
+    weights = drop_weights(score, pcb_ratio, threshold=rows.threshold, top=rows.top, out=score)
+    merged = combine(clipped, weights, coefficients)
+    return _output(vectors, merged, _scale(scale, merged, total, clipped, on_scale), base)
+
+
+@owns_threads
+def merge_ratio_auto(
+    base: torch.Tensor,
+    experts: Sequence[torch.Tensor],
+    coefficients: Sequence[float],
+    *,
+    clamp_ratio: float,
+    scale: float | str,
+    on_scale: Callable[[float], None] | None = None,
+    on_ratio: Callable[[float], None] | None = None,
+) -> torch.Tensor:
+    """``pcb_ratio: auto``: as :func:`merge_stored` at the level of
+    :data:`.auto_scale.RATIO_LEVELS` whose m has the largest cosine with s (the Task
+    Arithmetic sum; the first level on a tie), told to ``on_ratio``. tau and B are made
+    once; W and m once per level (B's n x d twice over while it runs)."""
+    n, d = len(experts), base.numel()
+    clip = ClipSelection(n, d, compute_dtype(base.dtype), clamp_ratio)
+    vectors = _task_vectors(base, experts, observe=clip.feed)
+    if not vectors.changed:
+        return base
+    tau = vectors.tau
+    weights = _weights(coefficients, tau)
+    total = auto_scale.Stored(tau, weights)
+    clipped, score = scores(tau, clip.finish(tau), clamp_ratio=clamp_ratio)
+    levels = auto_scale.RATIO_LEVELS
+    cuts = order_statistics(score, [cut_index(d, r) for r in levels])
+    top = score.amax(dim=1)
+    best = None
+    for k, ratio in enumerate(levels):
+        kept = drop_weights(score, ratio, threshold=cuts[:, k].contiguous(), top=top)
+        merged = combine(clipped, kept, weights)
+        del kept
+        cosine = total.cosine(merged)
+        if best is None or cosine > best[0]:
+            best = (cosine, ratio, merged)
+    _, ratio, merged = best
+    if on_ratio is not None:
+        on_ratio(ratio)
+    auto = total if auto_scale.is_auto(scale) else None
+    return _output(vectors, merged, _scale(scale, merged, auto, tau, on_scale), base)

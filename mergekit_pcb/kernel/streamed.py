@@ -13,15 +13,16 @@ whole-model scope) agree with this one bit for bit. Where it applies:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
 
-from mergekit_pcb.kernel import bindings, recomputed, runtime, selection
+from mergekit_pcb.kernel import auto_scale, bindings, recomputed, runtime, selection
 from mergekit_pcb.kernel.runtime import BLOCK, Role, column_chunks
 from mergekit_pcb.kernel.torch_ops import (
     ClipBounds,
+    add_scaled,
     clip_bounds_from,
     cut_index,
     quantile_indices,
@@ -91,14 +92,23 @@ def statistics(inputs: Source, clamp_ratio: float) -> Statistics:
 
 
 def merge(
-    inputs: Source, bounds: ClipBounds, coefficients: torch.Tensor, pcb_ratio: float, scale: float
+    inputs: Source,
+    bounds: ClipBounds,
+    coefficients: torch.Tensor,
+    pcb_ratio: float,
+    scale: float | str,
+    on_scale: Callable[[float], None] | None = None,
 ) -> torch.Tensor:
     """The merged tensor base + scale * m (steps 1-11, flat, in the base's dtype): one
     pass makes B (its row maxima and the cut's sample on the way), the cut reads B
-    once more, one pass makes the output; m is never stored. Above
-    :data:`STORED_SCORES_BYTES` of B: :func:`.recomputed.merge`, B never stored."""
+    once more, one pass makes the output; m is never stored. With ``scale`` "auto"
+    the last pass writes m over B's first row (each chunk after reading it) and the
+    chunk's share of :mod:`.auto_scale`'s sums, and step 11 follows with that scale,
+    told to ``on_scale``. Above :data:`STORED_SCORES_BYTES` of B, with a fixed scale:
+    :func:`.recomputed.merge`, B never stored ("auto" needs all of m before step 11,
+    and keeps B's buffer for it)."""
     n, d = inputs.shape
-    if n * d * 4 > STORED_SCORES_BYTES:
+    if n * d * 4 > STORED_SCORES_BYTES and not auto_scale.is_auto(scale):
         return recomputed.merge(
             inputs.base, inputs.experts, inputs.loops, bounds, coefficients, pcb_ratio, scale
         )
@@ -121,8 +131,11 @@ def merge(
     threshold = cut.finish_stored(score)[:, 0].contiguous()
     span = safe_span(threshold, selection.row_maxima(tops))
     coefficients = coefficients.to(dtype=torch.float32).contiguous()
-    merged = torch.empty(d, dtype=inputs.base.dtype)
-    output = (inputs.base, scale, merged)
+    auto = auto_scale.is_auto(scale)
+    merged = score[0] if auto else torch.empty(d, dtype=inputs.base.dtype)
+    output = (inputs.base, None if auto else scale, merged)
+    partials: dict[int, auto_scale.Partial] = {}
+    weights = coefficients.tolist()
 
     def combine(cols: slice) -> None:
         w = cols.stop - cols.start
@@ -133,6 +146,15 @@ def merge(
         bindings.combine_streamed(
             inputs.loops, cols, score, clip, threshold, span, coefficients, output, sums
         )
+        if auto:
+            partials[cols.start] = bindings.auto_sums_streamed(
+                inputs.loops, cols, weights, merged[cols]
+            )
 
     runtime.map_chunks(combine, columns, "cpu")
-    return merged
+    if not auto:
+        return merged
+    chosen = auto_scale.scale_of(partials)
+    if on_scale is not None:
+        on_scale(chosen)
+    return add_scaled(inputs.base, merged, chosen, inputs.base.dtype)
