@@ -3,8 +3,15 @@
 mergekit has no plugin entry points: ``mergekit-yaml`` only knows methods that are
 registered before it plans. The installed ``mergekit_pcb_autoload.pth`` puts a
 one-line trigger on ``sys.meta_path`` at interpreter start (it imports nothing);
-only when ``mergekit.merge_methods.registry`` is imported does it import this
-module, which lets the registry load and then registers ``pcb`` into it.
+only when the ``mergekit`` package is first imported does it import this module,
+which arms one after-import hook per mergekit module it acts on: the registry
+(register ``pcb``), ``evo.genome`` (accept ``pcb``), ``merge``, ``scripts.run_yaml``
+and ``scripts.multimerge`` (pcb's config checks, see :mod:`mergekit_pcb.plain_mergekit`).
+
+Why the package and not the registry: ``mergekit.merge`` imports the registry half
+way through its own body, so a hook armed at that moment could never wrap
+``run_merge``, which ``mergekit-yaml`` binds by name as soon as ``mergekit.merge``
+finishes loading.
 """
 
 import sys
@@ -13,6 +20,9 @@ import threading
 OPT_OUT_VARIABLE = "MERGEKIT_PCB_NO_AUTOLOAD"
 _REGISTRY = "mergekit.merge_methods.registry"
 _GENOME = "mergekit.evo.genome"
+_MERGE = "mergekit.merge"
+_MULTIMERGE = "mergekit.scripts.multimerge"
+_RUN_YAML = "mergekit.scripts.run_yaml"
 
 
 def register() -> None:
@@ -37,6 +47,36 @@ def patch_genome() -> None:
         from mergekit_pcb.evolve_compat import patch
 
         patch(module)
+
+
+def guard_merge() -> None:
+    """pcb's checks around ``run_merge`` (see mergekit_internals.guard_merge)."""
+    module = sys.modules.get(_MERGE)
+    if module is not None and hasattr(module, "run_merge"):  # skip a half-imported module
+        from mergekit_pcb.mergekit_internals import guard_merge as guard
+        from mergekit_pcb.plain_mergekit import check_merge
+
+        guard(module, check_merge)
+
+
+def guard_multimerge() -> None:
+    """pcb's checks of every document of a ``mergekit-multi`` config, before the first merge."""
+    module = sys.modules.get(_MULTIMERGE)
+    if module is not None and hasattr(module, "load_config"):
+        from mergekit_pcb.mergekit_internals import guard_multimerge as guard
+        from mergekit_pcb.plain_mergekit import check_multimerge
+
+        guard(module, check_multimerge)
+
+
+def guard_run_yaml() -> None:
+    """``mergekit-yaml``'s YAML checked as ``mergekit-pcb merge`` checks it."""
+    module = sys.modules.get(_RUN_YAML)
+    if module is not None and hasattr(module, "main"):
+        from mergekit_pcb.mergekit_internals import guard_run_yaml as guard
+        from mergekit_pcb.plain_mergekit import check_config_file
+
+        guard(module, check_config_file)
 
 
 class _AfterImportFinder:
@@ -81,6 +121,13 @@ class _AfterImportFinder:
 
 _FINDER = _AfterImportFinder(_REGISTRY, register)
 _GENOME_FINDER = _AfterImportFinder(_GENOME, patch_genome)
+_HOOKS = (
+    (_REGISTRY, register, _FINDER),
+    (_GENOME, patch_genome, _GENOME_FINDER),
+    (_MERGE, guard_merge, _AfterImportFinder(_MERGE, guard_merge)),
+    (_MULTIMERGE, guard_multimerge, _AfterImportFinder(_MULTIMERGE, guard_multimerge)),
+    (_RUN_YAML, guard_run_yaml, _AfterImportFinder(_RUN_YAML, guard_run_yaml)),
+)
 
 
 def arm() -> None:
@@ -89,10 +136,7 @@ def arm() -> None:
     ``mergekit-evolve`` imports the genome before the registry, so by the time the
     ``.pth`` trigger fires (on the registry) the genome is loaded and patched here.
     """
-    for name, action, finder in (
-        (_REGISTRY, register, _FINDER),
-        (_GENOME, patch_genome, _GENOME_FINDER),
-    ):
+    for name, action, finder in _HOOKS:
         if name in sys.modules:
             action()
         elif finder not in sys.meta_path:
@@ -100,7 +144,11 @@ def arm() -> None:
 
 
 def triggered(fullname, path=None, target=None):
-    """Called by the ``.pth`` trigger when the registry is first imported."""
+    """Called by the ``.pth`` trigger when ``mergekit`` is first imported (an older
+    trigger fired on the registry: the hook of the module being imported answers)."""
     sys.meta_path[:] = [f for f in sys.meta_path if not getattr(f, "mergekit_pcb", False)]
     arm()
-    return _FINDER.find_spec(fullname, path, target)
+    for name, _, finder in _HOOKS:
+        if name == fullname:
+            return finder.find_spec(fullname, path, target)
+    return None

@@ -291,11 +291,10 @@ def check_dtypes(config: Any, source: str) -> None:
 
 def _method(name: Any, source: str):
     """The registered method ``name`` names; None where the name is not even a string."""
+    # Importing this module ran mergekit_pcb's __init__, which armed the registration
+    # hook (even where autoload is opted out): loading the registry registers pcb.
     from mergekit import merge_methods
 
-    import mergekit_pcb
-
-    mergekit_pcb.register()  # even when autoload is opted out
     if not isinstance(name, str):
         return None  # pydantic reports it
     try:
@@ -313,9 +312,13 @@ def validate_config(text: str, source: str = "config"):
 
     Raises :class:`ConfigError` with a one-line message on any problem.
     """
+    return validate_mapping(load_yaml(text, source), source)
+
+
+def validate_mapping(raw: dict, source: str = "config"):
+    """:func:`validate_config` of a parsed YAML mapping (one document of a multi-merge)."""
     from mergekit.config import MergeConfiguration
 
-    raw = load_yaml(text, source)
     method = _method(raw.get("merge_method"), source)
     specs = None
     if method is not None and method.spec.name == "pcb":
@@ -333,4 +336,4 @@ def validate_config(text: str, source: str = "config"):
     return config
 
 
-__all__ = ["ConfigError", "validate_config"]
+__all__ = ["ConfigError", "validate_config", "validate_mapping"]

@@ -8,12 +8,20 @@ this module, instead of breaking one feature at run time.
 
 from __future__ import annotations
 
+import functools
+import inspect
+import logging
 import os
 import sys
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
+
+LOG = logging.getLogger(__name__)
+TORCH_DTYPE_DEPRECATION = "`torch_dtype` is deprecated! Use `dtype` instead!"
+RUN_MERGE_PARAMETERS = ("merge_config", "out_path", "options", "config_source")
+LOAD_CONFIG_PARAMETERS = ("config_source", "intermediate_dir")
 
 
 def planned_tensors(planner: Any) -> list[tuple[Any, Any]]:
@@ -35,7 +43,173 @@ def model_out_config(config: Any, arch_info: Any, trust_remote_code: bool = Fals
     """
     from mergekit import merge
 
-    return merge._model_out_config(config, arch_info, trust_remote_code=trust_remote_code)
+    with without_torch_dtype_deprecation():
+        return merge._model_out_config(config, arch_info, trust_remote_code=trust_remote_code)
+
+
+@contextmanager
+def without_torch_dtype_deprecation() -> Iterator[None]:
+    """transformers' "`torch_dtype` is deprecated!" dropped inside the block only.
+
+    mergekit 0.1.5's ``_model_out_config`` sets ``config.torch_dtype``, which recent
+    transformers answers with that warning on every merge, demo and inspect; the user
+    cannot act on it. It goes through ``Logger.warning_once``, whose cache is shared by
+    the whole process: filtering the record would still mark the message as shown and
+    hide it later from the user's own code. So on the one logger that emits it, and only
+    inside the block, this message is dropped before that cache sees it; every other
+    message, and this one outside the block, behaves as before.
+    """
+    from transformers.utils import logging as hf_logging
+
+    logger = hf_logging.get_logger("transformers.configuration_utils")
+    shared = getattr(type(logger), "warning_once", None)
+    if shared is None:  # a transformers without warning_once: nothing to silence
+        yield
+        return
+    previous = logger.__dict__.get("warning_once")
+    emit = previous or functools.partial(shared, logger)
+
+    def warning_once(*args: Any, **kwargs: Any) -> None:
+        if not (args and args[0] == TORCH_DTYPE_DEPRECATION):
+            emit(*args, **kwargs)
+
+    logger.warning_once = warning_once
+    try:
+        yield
+    finally:
+        if previous is None:
+            del logger.warning_once
+        else:
+            logger.warning_once = previous
+
+
+def _parameters(function: Any) -> tuple[str, ...]:
+    return tuple(inspect.signature(function).parameters)
+
+
+def _rebind(name: str, original: Any, replacement: Any) -> None:
+    """Replace ``original`` wherever a loaded mergekit module bound it by name (``from
+    mergekit.merge import run_merge`` in mergekit-yaml, mergekit-multi, ...)."""
+    for loaded, module in list(sys.modules.items()):
+        if loaded.split(".")[0] == "mergekit" and getattr(module, name, None) is original:
+            setattr(module, name, replacement)
+
+
+def guard_merge(module: Any, check_config: Callable[[Any, Any], bool]) -> bool:
+    """``check_config(merge_config, config_source)`` (pcb's checks; True for a pcb config)
+    before ``run_merge`` opens any model, and the torch_dtype warning dropped around the
+    one call of ``run_merge`` that causes it.
+
+    Relies on ``mergekit.merge.run_merge(merge_config, out_path, options, config_source)``
+    and on ``run_merge`` calling the module-level ``_model_out_config``. Where either
+    changed, mergekit is left as it is (with a warning; :func:`check` fails the tests).
+    A config whose ``merge_method`` is not ``pcb`` runs exactly as before.
+    """
+    original = module.run_merge
+    if getattr(original, "mergekit_pcb_guarded", False):
+        return True
+    if _parameters(original) != RUN_MERGE_PARAMETERS or not callable(
+        getattr(module, "_model_out_config", None)
+    ):
+        LOG.warning(
+            "mergekit %s changed run_merge; pcb's checks under mergekit-yaml are off "
+            "(mergekit-pcb merge still checks)",
+            _version(),
+        )
+        return False
+    signature = inspect.signature(original)
+
+    @functools.wraps(original)
+    def run_merge(*args: Any, **kwargs: Any) -> Any:
+        try:
+            bound = signature.bind(*args, **kwargs)
+        except TypeError:
+            return original(*args, **kwargs)  # mergekit's own error for a wrong call
+        arguments = bound.arguments
+        if not check_config(arguments["merge_config"], arguments.get("config_source")):
+            return original(*args, **kwargs)
+        with local_folders_stay_local():
+            return original(*args, **kwargs)
+
+    run_merge.mergekit_pcb_guarded = True
+    out_config = module._model_out_config
+
+    @functools.wraps(out_config)
+    def _model_out_config(*args: Any, **kwargs: Any) -> Any:
+        with without_torch_dtype_deprecation():
+            return out_config(*args, **kwargs)
+
+    module._model_out_config = _model_out_config
+    module.run_merge = run_merge
+    _rebind("run_merge", original, run_merge)
+    return True
+
+
+def guard_run_yaml(module: Any, check_file: Callable[[Any], None]) -> bool:
+    """``check_file(config_file)`` on the YAML of ``mergekit-yaml`` before mergekit's own
+    parsing: pydantic would report ``pcb_ratio: null`` or a misspelt key
+    of a filter entry as a traceback listing every union member it tried.
+
+    Relies on ``mergekit.scripts.run_yaml.main`` being a click command whose callback
+    receives ``config_file``.
+    """
+    command = module.main
+    original = command.callback
+    if getattr(original, "mergekit_pcb_guarded", False):
+        return True
+    if "config_file" not in {getattr(p, "name", None) for p in getattr(command, "params", ())}:
+        LOG.warning(
+            "mergekit %s changed mergekit-yaml's arguments; pcb's checks of its YAML "
+            "before mergekit parses it are off (run_merge still checks)",
+            _version(),
+        )
+        return False
+
+    @functools.wraps(original)
+    def callback(*args: Any, **kwargs: Any) -> Any:
+        check_file(kwargs.get("config_file"))
+        return original(*args, **kwargs)
+
+    callback.mergekit_pcb_guarded = True
+    command.callback = callback
+    return True
+
+
+def guard_multimerge(module: Any, check_source: Callable[[Any], None]) -> bool:
+    """``check_source(config_source)`` on every ``mergekit-multi`` config before the first
+    merge runs.
+
+    Relies on ``mergekit.scripts.multimerge.main`` calling the module-level
+    ``load_config(config_source, intermediate_dir)`` before it runs any merge.
+    """
+    original = module.load_config
+    if getattr(original, "mergekit_pcb_guarded", False):
+        return True
+    if _parameters(original) != LOAD_CONFIG_PARAMETERS:
+        LOG.warning(
+            "mergekit %s changed multimerge.load_config; pcb's checks of all documents "
+            "before the first merge are off (each merge is still checked)",
+            _version(),
+        )
+        return False
+
+    @functools.wraps(original)
+    def load_config(config_source: Any, intermediate_dir: Any) -> Any:
+        check_source(config_source)
+        return original(config_source, intermediate_dir)
+
+    load_config.mergekit_pcb_guarded = True
+    module.load_config = load_config
+    return True
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("mergekit")
+    except PackageNotFoundError:
+        return "?"
 
 
 def run_quietly(executor: Any) -> Iterator[tuple[Any, Any]]:
@@ -181,6 +355,23 @@ def check() -> None:
         "ModelGenome._to_torch": getattr(ModelGenome, "_to_torch", None),
     }
     missing = [name for name, found in needed.items() if not callable(found)]
+    from mergekit.scripts import multimerge, run_yaml
+
+    if "config_file" not in {p.name for p in run_yaml.main.params}:
+        missing.append("run_yaml.main's config_file")
+
+    if _parameters(getattr(merge.run_merge, "__wrapped__", merge.run_merge)) != (
+        RUN_MERGE_PARAMETERS
+    ):
+        missing.append(f"merge.run_merge({', '.join(RUN_MERGE_PARAMETERS)})")
+    if _parameters(getattr(multimerge.load_config, "__wrapped__", multimerge.load_config)) != (
+        LOAD_CONFIG_PARAMETERS
+    ):
+        missing.append(f"multimerge.load_config({', '.join(LOAD_CONFIG_PARAMETERS)})")
+    if "load_config" not in inspect.unwrap(multimerge.main.callback).__code__.co_names:
+        missing.append("multimerge.main calling load_config")
+    if "_model_out_config" not in inspect.unwrap(merge.run_merge).__code__.co_names:
+        missing.append("merge.run_merge calling _model_out_config")
     from mergekit.io.tasks import ReturnTensor, SaveTensor
 
     if "out_dtype" not in ExecuteMergeMethodTask.model_fields:
@@ -199,9 +390,7 @@ def check() -> None:
     }:
         missing.append("run_merge's exec and generate_card")
     if missing:
-        import mergekit
-
         raise RuntimeError(
-            f"mergekit {getattr(mergekit, '__version__', '?')} lacks {', '.join(missing)}, "
+            f"mergekit {_version()} lacks {', '.join(missing)}, "
             f"which mergekit_pcb/mergekit_internals.py relies on; update that module"
         )

@@ -36,6 +36,20 @@ class Folders:
     other_name: str = ""  # e.g. "the YAML's folder /y"
 
 
+def merge_folders(config_file: str | None = None) -> Folders:
+    """mergekit's rule for a merge config: relative paths are read from the working
+    directory (as ``mergekit-yaml`` reads them); the YAML's folder, where known and
+    different, is the other folder a user may have meant."""
+    cwd = Path.cwd()
+    own = Path(config_file).resolve().parent if config_file else None
+    return Folders(
+        cwd,
+        f"the working directory {cwd}, as mergekit-yaml does",
+        own if own != cwd else None,
+        f"the YAML's folder {own}",
+    )
+
+
 def _looks_local(path: str) -> bool:
     """A path no Hub id can be: absolute, ./ ../ ~, or not of the form 'name' / 'org/name'."""
     from huggingface_hub.utils import HFValidationError, validate_repo_id

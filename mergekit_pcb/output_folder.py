@@ -1,4 +1,5 @@
-"""The output folder of ``mergekit-pcb merge``: refuse to mix models, clean an interrupted write.
+"""The output folder of ``mergekit-pcb merge`` and ``demo``: refuse to mix models, clean an
+interrupted write; and the one wording every command uses to refuse a previous run.
 
 mergekit writes into whatever OUT_PATH holds. A stale ``model.safetensors.index.json``
 of an earlier sharded merge then survives next to the new ``model.safetensors``, and
@@ -18,6 +19,7 @@ without ``--overwrite``.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import struct
@@ -25,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mergekit_pcb.config_errors import ConfigError
+
+LOG = logging.getLogger(__name__)
 
 # mergekit/io/tensor_writer.py: f"{prefix}-{shard_index + 1}.{extension}", prefix "model"
 # (safetensors) or "pytorch_model" (pickle); final names contain "-of-" or no number.
@@ -65,6 +69,13 @@ def is_temporary_shard(path: Path) -> bool:
     return metadata is None or metadata == MERGEKIT_METADATA
 
 
+def previous_run(path: Path, holds: str, names: list[str], why: str, allowed: str) -> str:
+    """The one wording of every command that will not write over a previous run in its
+    output folder (merge, demo and inspect: ``--overwrite``; evolve: ``--resume``)."""
+    shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+    return f"output folder {path} already holds {holds} ({shown}); {why}. Allowed: {allowed}"
+
+
 @dataclass(frozen=True)
 class OutputFolder:
     path: Path
@@ -91,12 +102,14 @@ class OutputFolder:
                     "allowed: a new or empty folder"
                 )
         if self.model_files and not overwrite:
-            names = ", ".join(p.name for p in self.model_files[:4])
-            more = f" and {len(self.model_files) - 4} more" if len(self.model_files) > 4 else ""
             raise ConfigError(
-                f"output folder {self.path} already holds model files ({names}{more}); "
-                "mergekit would write the new model among them. Allowed: --overwrite (removes "
-                "those weights and index files first) or another folder"
+                previous_run(
+                    self.path,
+                    "model files",
+                    [p.name for p in self.model_files],
+                    "mergekit would write the new model among them",
+                    "--overwrite (removes those weights and index files first) or another folder",
+                )
             )
 
     def clear(self, overwrite: bool) -> list[str]:
@@ -105,3 +118,26 @@ class OutputFolder:
         for path in doomed:
             os.remove(path)
         return [p.name for p in doomed]
+
+
+def prepare(path: Path, overwrite: bool, inputs: list[Path]) -> None:
+    """Check the folder a merge will write (:meth:`OutputFolder.check`, a ConfigError),
+    then remove an interrupted merge's temporary shards and, with ``overwrite``, the
+    earlier model's files, saying what was removed."""
+    output = OutputFolder.inspect(path)
+    output.check(overwrite, inputs)
+    temporary = {p.name for p in output.temporary}
+    removed = output.clear(overwrite)
+    if temporary:
+        LOG.warning(
+            "removed %d temporary shard(s) that an interrupted merge left in %s: %s",
+            len(temporary),
+            path,
+            ", ".join(sorted(temporary)),
+        )
+    if len(removed) > len(temporary):
+        LOG.warning(
+            "--overwrite: removed the earlier model's files from %s: %s",
+            path,
+            ", ".join(name for name in removed if name not in temporary),
+        )

@@ -17,6 +17,7 @@ from conftest import last_error_line, load_tensors, run_tool, write
 
 from mergekit_pcb.cli import main as cli
 from mergekit_pcb.config_check import ConfigError, validate_config
+from mergekit_pcb.parameters import PCB_RATIO
 
 
 def config_text(
@@ -71,7 +72,10 @@ def test_config_errors_in_mergekit_yaml(family, tmp_path, case, kwargs, words):
     assert result.returncode != 0
     line = last_error_line(result.stderr)
     assert all(word in line for word in words), line
-    assert no_weights_written(tmp_path / "out")
+    # Issue 25: one line, as mergekit-pcb merge prints it (was a 35-53 line traceback).
+    assert "Traceback" not in result.stderr and result.stderr.strip() == line, result.stderr
+    assert line.startswith("Error: ")
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("case,kwargs,words", CONFIG_ERRORS, ids=[c[0] for c in CONFIG_ERRORS])
@@ -235,14 +239,13 @@ SHAPE_ERRORS = [
         "pcb_ratio-empty",
         {"parameters": "{pcb_ratio: []}"},
         "pcb: config.parameters.pcb_ratio: parameter 'pcb_ratio' got [] (no value: mergekit "
-        "would use the default); allowed: a number in (0, 1], the fraction of entries each "
-        "model keeps",
+        f"would use the default); allowed: {PCB_RATIO.allowed}",
     ),
     (
         "pcb_ratio-null",
         {"parameters": "{pcb_ratio: null}"},
-        "pcb: config.parameters.pcb_ratio: parameter 'pcb_ratio' got null; allowed: a number "
-        "in (0, 1], the fraction of entries each model keeps",
+        f"pcb: config.parameters.pcb_ratio: parameter 'pcb_ratio' got null; allowed: "
+        f"{PCB_RATIO.allowed}",
     ),
     (
         "filter-key-typo",

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import yaml
 from click.testing import CliRunner
 from conftest import check, last_error_line, run_tool, write
@@ -150,3 +151,27 @@ def test_existing_local_folders_pass(family, tmp_path):
     """The check lets a normal merge through (the errors above are real misses)."""
     config = write(tmp_path / "c.yml", merge_config(family.base, *family.experts[:2]))
     check(run_tool("mergekit-pcb", "merge", config, tmp_path / "out", "--no-copy-tokenizer"))
+
+
+def test_evolve_reads_every_relative_path_of_its_yaml_from_the_yaml_folder(tmp_path, monkeypatch):
+    """Issue 25, item 4: ``cache.dir`` too (one that did not exist yet was left relative to
+    the working directory), and a missing data file names the folder it was read from."""
+    from mergekit_pcb.evolve.config import EvolveConfigError, load_config
+
+    x, y = (tmp_path / "x").resolve(), (tmp_path / "y").resolve()
+    x.mkdir()
+    y.mkdir()
+    search = {**search_yml(y, "m/base", ["m/a", "m/b"]), "cache": {"dir": "statistics"}}
+    yml = write(y / "s.yml", yaml.safe_dump(search))
+    monkeypatch.chdir(x)
+    loaded = load_config(yml)
+    assert loaded.cache.dir == str(y / "statistics")
+    assert loaded.evaluation.tasks[0].data == str(y / "val.jsonl")
+    search["evaluation"]["tasks"][0]["data"] = "nope.jsonl"
+    write(yml, yaml.safe_dump(search))
+    with pytest.raises(EvolveConfigError) as error:
+        load_config(yml)
+    assert str(error.value) == (
+        "task 't': data file 'nope.jsonl' does not exist "
+        f"(relative paths are read from the YAML's folder {y})"
+    )

@@ -1,4 +1,5 @@
-"""``mergekit-pcb merge`` and the output folder (issue 14, rows 7 and 8).
+"""``mergekit-pcb merge`` and the output folder (issue 14, rows 7 and 8), and the same
+rule for every command that writes a folder (issue 25, item 3).
 
 mergekit writes into whatever OUT_PATH holds: a stale index of an earlier sharded
 merge makes the new folder unloadable, and a killed merge's temporary shards survive
@@ -9,14 +10,17 @@ a rerun. ``mergekit-pcb merge`` refuses a folder holding a model unless
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import re
 import signal
 
 import pytest
 import torch
+import yaml
 from click.testing import CliRunner
-from conftest import load_tensors, run_python, write
+from conftest import load_tensors, run_python, run_tool, write
 from mergekit.scripts.run_yaml import main as mergekit_yaml
 from safetensors.torch import save_file
 
@@ -160,3 +164,81 @@ def test_files_mergekit_did_not_write_are_never_removed(config, tmp_path, family
     assert code != 0
     assert f"is the folder of input model '{family.experts[0]}'" in stderr
     assert (family.experts[0] / "model.safetensors").exists()
+
+
+# Issue 25, item 3: one rule for every command that writes a folder, in the same words.
+PREVIOUS_RUN = re.compile(
+    r"Error: output folder (?P<folder>\S+) already holds (?P<what>[a-z ]+) "
+    r"\((?P<files>[^)]*)\); (?P<why>[^.]+)\. "
+    r"Allowed: (?P<option>--overwrite|--resume) \([^)]*\) or another folder"
+)
+
+
+def previous_run(code: int, stderr: str, folder, option: str = "--overwrite") -> dict:
+    assert code == 1 and len(stderr.strip().splitlines()) == 1, stderr
+    match = PREVIOUS_RUN.fullmatch(stderr.strip())
+    assert match, stderr
+    assert match["folder"] == str(folder) and match["option"] == option
+    return match.groupdict()
+
+
+def test_merge_refuses_in_the_shared_words(config, tmp_path):
+    out = tmp_path / "out"
+    assert invoke(cli, "merge", config, out, "--no-copy-tokenizer")[0] == 0
+    found = previous_run(*invoke(cli, "merge", config, out), out)
+    assert (found["what"], found["files"]) == ("model files", "model.safetensors")
+
+
+def test_demo_refuses_an_earlier_demo_unless_overwrite(tmp_path):
+    """demo wrote over its earlier model silently; now it refuses, as merge does."""
+    out = tmp_path / "demo"
+
+    def demo(*options) -> tuple[int, str]:  # a process per run, as a user runs it
+        result = run_tool("mergekit-pcb", "demo", out, "--experts", "1", *options)
+        return result.returncode, result.stderr
+
+    assert demo()[0] == 0
+    first, before = load_tensors(out), snapshot(out)
+    found = previous_run(*demo("--seed", "1"), out)
+    assert (found["what"], found["files"]) == ("model files", "model.safetensors")
+    assert found["why"] == "mergekit would write the new model among them"
+    assert snapshot(out) == before  # nothing touched, inputs included
+    code, stderr = demo("--seed", "1", "--overwrite")
+    assert code == 0, stderr
+    second = load_tensors(out)
+    assert [n for n in os.listdir(out) if is_model_file(n)] == ["model.safetensors"]
+    assert not all(torch.equal(first[k], second[k]) for k in first)  # seed 1's model now
+
+
+def test_inspect_refuses_an_earlier_report_unless_overwrite(config, tmp_path):
+    report = tmp_path / "report"
+    report.mkdir()
+    (report / "notes.txt").write_text("mine")
+    assert invoke(cli, "inspect", config, report, "--no-progress")[0] == 0
+    before = snapshot(report)
+    found = previous_run(*invoke(cli, "inspect", config, report, "--no-progress"), report)
+    assert found["what"] == "a report"
+    assert found["files"].startswith("report.html, report.json, experts.png, layers.png and ")
+    assert snapshot(report) == before
+    code, stderr = invoke(cli, "inspect", config, report, "--no-progress", "--overwrite")
+    assert code == 0, stderr
+    after = snapshot(report)
+    assert after.keys() == before.keys() and after["notes.txt"] == before["notes.txt"]
+    assert after["report.json"][1] > before["report.json"][1]  # written again
+
+
+def test_evolve_refuses_an_earlier_search_unless_resume(family, tmp_path):
+    data = write(tmp_path / "d.jsonl", json.dumps({"text": "abc"}) + "\n")
+    search = {
+        "base_model": str(family.base),
+        "models": [str(p) for p in family.experts[:2]],
+        "evaluation": {"tasks": [{"name": "t", "type": "loss", "data": str(data)}]},
+    }
+    yml = write(tmp_path / "s.yml", yaml.safe_dump(search))
+    out = tmp_path / "search"
+    out.mkdir()
+    (out / "history.jsonl").write_text('{"member": 0}\n')
+    before = snapshot(out)
+    found = previous_run(*invoke(cli, "evolve", yml, out, "--no-progress"), out, "--resume")
+    assert (found["what"], found["files"]) == ("a search", "history.jsonl")
+    assert snapshot(out) == before

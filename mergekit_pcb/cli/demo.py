@@ -14,8 +14,9 @@ from typing import NamedTuple
 import click
 import torch
 
-from mergekit_pcb.config_errors import one_line
+from mergekit_pcb.config_errors import ConfigError, one_line
 from mergekit_pcb.kernel import drop_weights, scores
+from mergekit_pcb.output_folder import prepare
 from mergekit_pcb.parameters import CLAMP_RATIO, LAMBDA, PCB_RATIO, Parameter
 
 DEFAULT_EXPERTS = 3
@@ -173,6 +174,12 @@ def _option(parameter: Parameter):
     default=None,
     help="Where the tiny base and experts are written and kept (default: OUT/inputs).",
 )
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Replace the model of an earlier demo in OUT: its weights and index files are "
+    "removed first.",
+)
 def demo(
     out: Path,
     experts: int,
@@ -180,13 +187,19 @@ def demo(
     clamp_ratio: float,
     seed: int,
     inputs: Path | None,
+    overwrite: bool,
 ) -> None:
     """Build a tiny local Llama base and experts, merge them with PCB into OUT, summarize.
 
     The inputs are kept (OUT/inputs unless --inputs), so the ``mergekit_config.yml`` the
-    merge saves in OUT can be run again, changed, by the user.
+    merge saves in OUT can be run again, changed, by the user. An earlier run's model in
+    OUT is refused unless --overwrite, as by ``mergekit-pcb merge``.
     """
     inputs = inputs or out / "inputs"
+    try:
+        prepare(out, overwrite, [])
+    except ConfigError as error:
+        raise click.ClickException(str(error)) from None
     try:
         rows = run_demo(
             out,

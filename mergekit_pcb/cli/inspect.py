@@ -53,6 +53,34 @@ def _progress(items, total: int, title: str):
     return tqdm(items, total=total, desc=title, unit="tensor", leave=False)
 
 
+def _previous_report(report_dir: Path, overwrite: bool) -> None:
+    """Refuse a folder holding an earlier report unless ``overwrite``, which removes
+    exactly the files a report consists of (nothing else in the folder)."""
+    from mergekit_pcb.inspect.plots import FIGURES
+    from mergekit_pcb.output_folder import previous_run
+
+    names = ("report.html", "report.json", *FIGURES)
+    found = [report_dir / name for name in names if (report_dir / name).is_file()]
+    if found and not overwrite:
+        raise click.ClickException(
+            previous_run(
+                report_dir,
+                "a report",
+                [path.name for path in found],
+                "the new report would replace it",
+                "--overwrite (removes that report's files first) or another folder",
+            )
+        )
+    for path in found:
+        path.unlink()
+    if found:
+        LOG.warning(
+            "--overwrite: removed the earlier report's files from %s: %s",
+            report_dir,
+            ", ".join(path.name for path in found),
+        )
+
+
 @click.command("inspect")
 @click.argument("config_file", type=click.Path(exists=True, dir_okay=False))
 @click.argument("report_dir", type=click.Path(file_okay=False, path_type=Path))
@@ -80,6 +108,11 @@ def _progress(items, total: int, title: str):
 )
 @click.option("--trust-remote-code", is_flag=True, help="As for mergekit-yaml.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Replace the report of an earlier run in REPORT_DIR: its files are removed first.",
+)
 def inspect(
     config_file: str,
     report_dir: Path,
@@ -88,6 +121,7 @@ def inspect(
     sample: int,
     trust_remote_code: bool,
     no_progress: bool,
+    overwrite: bool,
 ) -> None:
     """Score CONFIG_FILE's merge with PCB and write REPORT_DIR/report.html, report.json and
     PNGs: who keeps, wins and conflicts where (no model is written)."""
@@ -99,16 +133,15 @@ def inspect(
     except (ImportError, click.BadParameter) as error:
         raise click.ClickException(str(error).replace("\n", " ")) from None
 
-    from mergekit_pcb.cli.merge import _folders
     from mergekit_pcb.config_check import ConfigError, validate_config
     from mergekit_pcb.config_errors import one_line
-    from mergekit_pcb.model_paths import check_models, merge_config_references
+    from mergekit_pcb.model_paths import check_models, merge_config_references, merge_folders
 
     with open(config_file, encoding="utf-8") as file:
         text = file.read()
     try:  # exactly the checks of mergekit-pcb merge, before any model is opened
         config = validate_config(text, source=config_file)
-        check_models(merge_config_references(config), _folders(config_file))
+        check_models(merge_config_references(config), merge_folders(config_file))
     except ConfigError as error:
         raise click.ClickException(str(error)) from None
     if config.merge_method != "pcb":
@@ -116,6 +149,7 @@ def inspect(
             f"{config_file}: merge_method is '{config.merge_method}'; allowed: pcb "
             "(inspect shows what PCB does to the experts)"
         )
+    _previous_report(report_dir, overwrite)
 
     from mergekit_pcb.inspect import InspectError, run
 

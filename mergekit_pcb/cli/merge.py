@@ -22,20 +22,10 @@ from mergekit.options import MergeOptions, PrettyPrintHelp, add_merge_options
 from mergekit_pcb.config_check import ConfigError, validate_config
 from mergekit_pcb.config_errors import one_line
 from mergekit_pcb.mergekit_internals import local_folders_stay_local
-from mergekit_pcb.model_paths import Folders, check_models, merge_config_references
-from mergekit_pcb.output_folder import OutputFolder
+from mergekit_pcb.model_paths import check_models, merge_config_references, merge_folders
+from mergekit_pcb.output_folder import prepare
 
 LOG = logging.getLogger(__name__)
-
-
-def _folders(config_file: str) -> Folders:
-    cwd, own = Path.cwd(), Path(config_file).resolve().parent
-    return Folders(
-        cwd,
-        f"the working directory {cwd}, as mergekit-yaml does",
-        own if own != cwd else None,
-        f"the YAML's folder {own}",
-    )
 
 
 @click.command("merge", cls=PrettyPrintHelp)
@@ -55,27 +45,11 @@ def merge(merge_options: MergeOptions, config_file: str, out_path: str, overwrit
     try:
         config = validate_config(config_source, source=config_file)
         references = merge_config_references(config)
-        check_models(references, _folders(config_file))
-        output = OutputFolder.inspect(Path(out_path))
+        check_models(references, merge_folders(config_file))
         inputs = [Path(str(reference.model.path)) for _, reference in references]
-        output.check(overwrite, [path for path in inputs if path.is_dir()])
+        prepare(Path(out_path), overwrite, [path for path in inputs if path.is_dir()])
     except ConfigError as error:
         raise click.ClickException(str(error)) from None
-    temporary = {path.name for path in output.temporary}
-    removed = output.clear(overwrite)
-    if temporary:
-        LOG.warning(
-            "removed %d temporary shard(s) that an interrupted merge left in %s: %s",
-            len(temporary),
-            out_path,
-            ", ".join(sorted(temporary)),
-        )
-    if len(removed) > len(temporary):
-        LOG.warning(
-            "--overwrite: removed the earlier model's files from %s: %s",
-            out_path,
-            ", ".join(name for name in removed if name not in temporary),
-        )
 
     from mergekit.merge import run_merge
 

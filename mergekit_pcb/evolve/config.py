@@ -570,6 +570,13 @@ def _resolve(path: str, root: Path) -> str:
     return str(candidate.resolve()) if candidate.exists() else path
 
 
+def _under(path: str, root: Path) -> str:
+    """A folder the search writes (``cache.dir``), relative to the config file like every
+    other path in it, whether or not it exists yet (``_resolve`` keeps a missing path
+    as written, which the working directory would then have read)."""
+    return str((root / os.path.expanduser(path)).resolve())
+
+
 def import_target(target: str, root: Path | None = None) -> Callable:
     """``module:function`` -> the callable; the config directory is importable."""
     module_name, sep, attr = target.partition(":")
@@ -615,7 +622,7 @@ def load_config(path: os.PathLike, *, check_data: bool = True) -> EvolveConfig:
                 if not resolved.exists():
                     raise EvolveConfigError(
                         f"task '{task.name}': {key} file '{value}' does not exist "
-                        f"(relative paths are read from {root})"
+                        f"(relative paths are read from the YAML's folder {root})"
                     )
                 update[key] = str(resolved)
         tasks.append(task.model_copy(update=update))
@@ -626,7 +633,7 @@ def load_config(path: os.PathLike, *, check_data: bool = True) -> EvolveConfig:
             "models": [_resolve(m, root) for m in cfg.models],
             "evaluation": cfg.evaluation.model_copy(update={"tasks": tasks}),
             "cache": cfg.cache.model_copy(
-                update={"dir": _resolve(cfg.cache.dir, root) if cfg.cache.dir else None}
+                update={"dir": _under(cfg.cache.dir, root) if cfg.cache.dir else None}
             ),
         }
     )

@@ -43,6 +43,7 @@ from mergekit_pcb.evolve.report import (
     write_report,
 )
 from mergekit_pcb.evolve.tasks import search_size
+from mergekit_pcb.output_folder import previous_run
 
 LOG = logging.getLogger("mergekit_pcb.evolve")
 
@@ -100,8 +101,13 @@ def _prepare_out(cfg: EvolveConfig, out: Path, resume: bool) -> History:
             )
     elif history_file.exists() and history_file.stat().st_size > 0:
         raise EvolveConfigError(
-            f"{out} already holds a search ({HISTORY}); pass --resume to continue it "
-            "or choose another OUT_DIR"
+            previous_run(
+                out,
+                "a search",
+                [HISTORY],
+                "a new search would write over its history",
+                "--resume (continues that search) or another folder",
+            )
         )
     else:
         history_file.unlink(missing_ok=True)
