@@ -18,10 +18,12 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -56,6 +58,43 @@ class Sample(NamedTuple):
     wall_s: float
     peak_rss_bytes: int
     gpu_peak_bytes: int | None = None
+    returncode: int = 0  # nonzero: the merge failed or was killed (its numbers are not a result)
+    capped: bool = False  # killed by --rss-cap, not by itself or the OOM killer
+    peak_anon_bytes: int = 0  # the largest anonymous RSS seen (polled every 0.1 s)
+
+
+def _watch_rss(
+    pid: int,
+    cap_bytes: int | None,
+    killed: list[bool],
+    peak: list[int],
+    done: threading.Event,
+    cap_seconds: float | None = None,
+) -> None:
+    """Kill ``pid`` once its anonymous RSS passes ``cap_bytes``: a merge that would not fit
+    is then a result (the table says so) instead of a trip of the machine's OOM killer,
+    which might pick another process. Anonymous memory only: the pages of memory-mapped
+    checkpoints also count in RSS, but the kernel drops them under pressure."""
+    status = Path(f"/proc/{pid}/status")
+    start = time.perf_counter()
+    while not done.wait(0.1):
+        if cap_seconds is not None and time.perf_counter() - start > cap_seconds:
+            killed.append(True)
+            os.kill(pid, signal.SIGKILL)
+            return
+        try:
+            rss = next(
+                int(x.split()[1]) * 1024
+                for x in status.read_text().splitlines()
+                if x.startswith("RssAnon:")
+            )
+        except (OSError, StopIteration):
+            return
+        peak[0] = max(peak[0], rss)
+        if cap_bytes is not None and rss > cap_bytes:
+            killed.append(True)
+            os.kill(pid, signal.SIGKILL)
+            return
 
 
 # mergekit-yaml in this process, writing the GPU's peak allocation to argv[1] at exit.
@@ -85,7 +124,13 @@ def write_config(path: Path, method: str, base: Path, experts: list[Path]) -> Pa
     return path
 
 
-def run_once(config: Path, out: Path, extra: list[str]) -> Sample:
+def run_once(
+    config: Path,
+    out: Path,
+    extra: list[str],
+    rss_cap: int | None = None,
+    time_cap: float | None = None,
+) -> Sample:
     exe = shutil.which("mergekit-yaml") or str(Path(sys.executable).parent / "mergekit-yaml")
     args = [str(config), str(out), "--no-copy-tokenizer", "--quiet", *extra]
     gpu_file = out.parent / "gpu-peak.txt" if "--cuda" in extra else None
@@ -96,17 +141,29 @@ def run_once(config: Path, out: Path, extra: list[str]) -> Sample:
         cmd = [sys.executable, "-c", _WITH_GPU_PEAK, str(gpu_file), *args]
     start = time.perf_counter()
     process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    killed: list[bool] = []
+    peak = [0]
+    done = threading.Event()
+    watch = threading.Thread(
+        target=_watch_rss, args=(process.pid, rss_cap, killed, peak, done, time_cap)
+    )
+    watch.start()
+    # stderr is read while the child runs: a full pipe would block it.
+    stderr = process.stderr.read().decode(errors="replace")
     # wait4 reports this child's own peak RSS (Linux: KiB), not the max over all children.
     _, status, usage = os.wait4(process.pid, 0)
     wall = time.perf_counter() - start
-    stderr = process.stderr.read().decode(errors="replace")
+    done.set()
+    watch.join()
     process.stderr.close()
     process.returncode = os.waitstatus_to_exitcode(status)
-    if process.returncode != 0:
-        raise click.ClickException(f"{' '.join(cmd)} failed:\n{stderr[-3000:]}")
     shutil.rmtree(out, ignore_errors=True)
+    if process.returncode != 0:
+        if not killed:
+            click.echo(f"{' '.join(cmd)} failed:\n{stderr[-3000:]}", err=True)
+        return Sample(wall, usage.ru_maxrss * 1024, None, process.returncode, bool(killed), peak[0])
     gpu_peak = int(gpu_file.read_text()) if gpu_file is not None else None
-    return Sample(wall, usage.ru_maxrss * 1024, gpu_peak)
+    return Sample(wall, usage.ru_maxrss * 1024, gpu_peak, peak_anon_bytes=peak[0])
 
 
 @contextlib.contextmanager
@@ -122,8 +179,12 @@ def busy_loops(count: int) -> Iterator[None]:
             loop.wait()
 
 
-def table(results: dict[str, list[Sample]]) -> str:
-    gpu = all(s.gpu_peak_bytes is not None for v in results.values() for s in v)
+def table(
+    results: dict[str, list[Sample]], rss_cap: int | None = None, time_cap: float | None = None
+) -> str:
+    failed = {m: v for m, v in results.items() if any(s.returncode for s in v)}
+    results = {m: v for m, v in results.items() if m not in failed}
+    gpu = bool(results) and all(s.gpu_peak_bytes is not None for v in results.values() for s in v)
     med = {
         m: (
             statistics.median(s.wall_s for s in v),
@@ -154,6 +215,22 @@ def table(results: dict[str, list[Sample]]) -> str:
         if gpu:
             line += f" {gpu_peak / 2**30:.2f} GiB | {ratio(m, 'ties', 2)} |"
         lines.append(line)
+    for m, samples in failed.items():
+        bad = next(s for s in samples if s.returncode)
+        if bad.capped and time_cap and bad.wall_s >= time_cap:
+            why = f"killed at the time cap of {time_cap:g} s (exit status {bad.returncode})"
+        elif bad.capped and rss_cap:
+            why = (
+                f"killed at the anonymous-RSS cap of {rss_cap / 2**30:g} GiB "
+                f"(exit status {bad.returncode})"
+            )
+        else:
+            why = f"failed, exit status {bad.returncode}"
+        lines.append(
+            f"| {m} | {why} after {bad.wall_s:.0f} s | >= {bad.peak_rss_bytes / 2**30:.2f} GiB "
+            + "| - " * (len(lines[1].split("|")) - 5)
+            + "|"
+        )
     return "\n".join(lines)
 
 
@@ -178,6 +255,25 @@ def table(results: dict[str, list[Sample]]) -> str:
     help="Run this many CPU-bound busy loops beside the merges (a shared machine).",
 )
 @click.option(
+    "--rss-cap",
+    type=float,
+    default=None,
+    help="Kill a merge whose anonymous RSS passes this many GiB and record it as killed "
+    "(on a shared machine, instead of letting the OOM killer choose).",
+)
+@click.option(
+    "--time-cap",
+    type=float,
+    default=None,
+    help="Kill a merge still running after this many seconds and record it as killed.",
+)
+@click.option(
+    "--out-shard-size",
+    default=None,
+    help="Pass --out-shard-size to mergekit-yaml: the output it holds before writing "
+    "(mergekit's default, 5B bytes, holds a 70B slice's whole output).",
+)
+@click.option(
     "--method",
     "-m",
     "methods",
@@ -193,6 +289,9 @@ def main(
     threads: int | None,
     load: int,
     methods: tuple[str, ...],
+    rss_cap: float | None,
+    time_cap: float | None,
+    out_shard_size: str | None,
     cache_dir: Path | None,
 ) -> None:
     """Median wall time and peak RSS of mergekit-yaml per merge method, as a markdown table."""
@@ -209,8 +308,10 @@ def main(
     base, experts = build_family(
         spec, cache_dir, device="cuda" if torch.cuda.is_available() else "cpu"
     )
+    cap = int(rss_cap * 2**30) if rss_cap else None
     methods = methods or tuple(METHODS)
     extra = (["--cuda"] if cuda else []) + (["-j", str(threads)] if threads else [])
+    extra += ["--out-shard-size", out_shard_size] if out_shard_size else []
     results: dict[str, list[Sample]] = {m: [] for m in methods}
     with tempfile.TemporaryDirectory(prefix="pcb-bench-") as tmp, busy_loops(load):
         tmp = Path(tmp)
@@ -219,7 +320,9 @@ def main(
         }
         for r in range(repeats):
             for m in methods:
-                sample = run_once(configs[m], tmp / "out", extra)
+                if any(s.returncode for s in results[m]):
+                    continue  # killed or failed once: its result is that
+                sample = run_once(configs[m], tmp / "out", extra, cap, time_cap)
                 results[m].append(sample)
                 gpu = (
                     f", GPU {sample.gpu_peak_bytes / 2**30:.2f} GiB"
@@ -228,7 +331,9 @@ def main(
                 )
                 click.echo(
                     f"repeat {r + 1}/{repeats} {m}: {sample.wall_s:.1f} s, "
-                    f"{sample.peak_rss_bytes / 2**30:.2f} GiB{gpu}",
+                    f"{sample.peak_rss_bytes / 2**30:.2f} GiB{gpu}, "
+                    f"anonymous {sample.peak_anon_bytes / 2**30:.2f} GiB"
+                    + (f", exit status {sample.returncode}" if sample.returncode else ""),
                     err=True,
                 )
     command = " ".join(["mergekit-yaml --no-copy-tokenizer", *extra])
@@ -237,7 +342,12 @@ def main(
         f"\n{parameter_count(spec) / 1e6:.0f}M-parameter Llama, bf16, base + "
         f"{spec.n_experts} experts, median of {repeats}, {command}{beside}\n"
     )
-    click.echo(table(results))
+    click.echo(table(results, cap, time_cap))
+    anon = ", ".join(
+        f"{m} {statistics.median(s.peak_anon_bytes for s in v) / 2**30:.2f} GiB"
+        for m, v in results.items()
+    )
+    click.echo(f"\nPeak anonymous RSS (polled every 0.1 s; medians): {anon}")
 
 
 if __name__ == "__main__":

@@ -160,14 +160,22 @@ class Inputs:
 # ---------------------------------------------------------------- the statistics
 
 
-def _rows(task: ExecuteMergeMethodTask, group: TensorGroup) -> tuple[list, torch.Tensor]:
-    """The models and task vectors of one group, exactly as ``merge_group`` makes them."""
+def _rows(task: ExecuteMergeMethodTask, group: TensorGroup) -> Iterator[tuple[list, torch.Tensor]]:
+    """The models and task vectors of one group, exactly as ``merge_group`` makes them,
+    one piece of columns at a time (:func:`kernel.runtime.column_pieces`): the
+    statistics are counts over elements, so pieces give the same values, and a 70B
+    model's embedding costs one piece's tau and B instead of two n x d matrices."""
     weights = {e.id: task.input_parameters[e.id]["weight"] for e in group.non_base}
     experts = groups.ordered(group, weights)
-    vectors = kernel.task_vectors(group.base.tensor, [e.tensor for e in experts])
-    if not vectors.finite:
-        raise groups.non_finite_error(group, vectors.tau.dtype)
-    return [e.id for e in experts], vectors.tau
+    models = [e.id for e in experts]
+    base = group.base.tensor.reshape(-1)
+    rows = [e.tensor.reshape(-1) for e in experts]
+    for cols in kernel.runtime.column_pieces(len(rows), base.numel(), base.device):
+        # reuse: the statistics are done with one piece before they ask for the next
+        vectors = kernel.task_vectors(base[cols], [r[cols] for r in rows], reuse=True)
+        if not vectors.finite:
+            raise groups.non_finite_error(group, vectors.tau.dtype)
+        yield models, vectors.tau
 
 
 def compute(
@@ -203,9 +211,9 @@ def compute(
         for task, values in each_pass(iter(inputs)) if each_pass else inputs:
             group = group_of(task, values, executor.math_device)
             if group is not None:
-                models, tau = _rows(task, group)
-                check(models, tau)
-                yield models, tau
+                for models, tau in _rows(task, group):
+                    check(models, tau)
+                    yield models, tau
 
     return kernel.statistics(tensors, shared[PCB_RATIO.name], shared[CLAMP_RATIO.name])
 

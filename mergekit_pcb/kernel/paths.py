@@ -19,9 +19,9 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from mergekit_pcb.kernel import auto_scale, bindings, selection, streamed
+from mergekit_pcb.kernel import auto_scale, bindings, runtime, selection, streamed
 from mergekit_pcb.kernel.experts import TaskVectors, task_vectors
-from mergekit_pcb.kernel.runtime import compute_dtype, owns_threads
+from mergekit_pcb.kernel.runtime import Role, column_pieces, compute_dtype, owns_threads
 from mergekit_pcb.kernel.torch_ops import (
     ClipSelection,
     add_scaled,
@@ -145,7 +145,48 @@ def merge_with_statistics(
     on_scale: Callable[[float], None] | None = None,
 ) -> torch.Tensor:
     """As :func:`merge_stored`, with the clip bounds, cut and max B of each expert's
-    whole model (:mod:`.whole_model`) instead of this tensor's own."""
+    whole model (:mod:`.whole_model`) instead of this tensor's own.
+
+    With every statistic known, each column depends on its own inputs alone, so the
+    tensor is merged one piece of columns at a time (:func:`.runtime.column_pieces`:
+    whole chunks, the same floats) and holds tau and B of one piece, not n x d of
+    each: at a 70B model's embedding that is the difference between 25 GB and 0.5 GB.
+    With ``scale`` "auto" the whole tensor at once (:func:`_merge_with_statistics_whole`)."""
+    if auto_scale.is_auto(scale):
+        return _merge_with_statistics_whole(
+            base, experts, coefficients, statistics, pcb_ratio, scale, on_scale
+        )
+    n, d = len(experts), base.numel()
+    flat = base.reshape(-1)
+    rows = [e.reshape(-1) for e in experts]
+    out = torch.empty(d, dtype=base.dtype, device=base.device)
+    statistic_rows = None
+    changed = False
+    for cols in column_pieces(n, d, base.device):
+        # Unchanged pieces of a changed tensor are merged too (base + scale * m turns a
+        # base's -0.0 into +0.0); a tensor no piece of which changed is the base.
+        vectors = _task_vectors(flat[cols], [r[cols] for r in rows])
+        changed |= vectors.changed
+        tau = vectors.tau
+        if statistic_rows is None:
+            statistic_rows = row_statistics(statistics, tau.dtype, tau.device)
+        score = runtime.buffer(Role.SCORES, tau.numel(), tau.dtype, tau.device).view(tau.shape)
+        clipped, score = scores(tau, statistic_rows.bounds, out=score)
+        weights = drop_weights(
+            score, pcb_ratio, threshold=statistic_rows.threshold, top=statistic_rows.top, out=score
+        )
+        merged = combine(clipped, weights, _weights(coefficients, clipped))
+        out[cols] = add_scaled(vectors.base, merged, scale, base.dtype)
+    if not changed:
+        return base
+    return out.reshape(base.shape)
+
+
+def _merge_with_statistics_whole(
+    base, experts, coefficients, statistics, pcb_ratio, scale, on_scale
+):
+    """merge_with_statistics with ``lambda: auto``: its scale needs all of m before step
+    11, so tau and B of the whole tensor are held (as before issue 24)."""
     vectors = _task_vectors(base, experts)
     if not vectors.changed:
         return base

@@ -211,3 +211,25 @@ def map_chunks(fn: Callable[[T], R], items: Sequence[T], device: torch.device) -
         for done in helpers:
             done.result()  # waits for every helper; re-raises a helper's error
     return results
+
+
+# A piece of a tensor that the whole-model scope holds at once: tau and B of this many
+# elements (all rows), so that one tensor costs O(piece), not O(n x d), whatever its size.
+PIECE_ELEMENTS = 1 << 24  # 64 MB of float32: within MAX_BUFFER_BYTES, so reused
+
+
+def column_pieces(
+    n: int, d: int, device: torch.device | str = "cpu", elements: int | None = None
+) -> list[slice]:
+    """Runs of whole :func:`column_chunks` (the device's) of about ``elements`` elements of
+    n rows (default :data:`PIECE_ELEMENTS`; at least one chunk each). Steps applied to a
+    piece cut it into exactly the chunks they cut the whole tensor into (a piece starts
+    on a chunk boundary and spans whole chunks), so they give the same floats."""
+    limit = PIECE_ELEMENTS if elements is None else elements
+    pieces: list[slice] = []
+    for cols in column_chunks(n, d, device=device):
+        if pieces and n * (cols.stop - pieces[-1].start) <= limit:
+            pieces[-1] = slice(pieces[-1].start, cols.stop)
+        else:
+            pieces.append(cols)
+    return pieces

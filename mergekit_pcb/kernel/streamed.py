@@ -18,7 +18,7 @@ from typing import NamedTuple
 
 import torch
 
-from mergekit_pcb.kernel import auto_scale, bindings, runtime, selection
+from mergekit_pcb.kernel import auto_scale, bindings, recomputed, runtime, selection
 from mergekit_pcb.kernel.runtime import BLOCK, Role, column_chunks
 from mergekit_pcb.kernel.torch_ops import (
     ClipBounds,
@@ -31,6 +31,13 @@ from mergekit_pcb.kernel.torch_ops import (
 
 # |tau|'s bit patterns at or above this are infinite or NaN.
 _INFINITY_BITS = 0x7F800000
+
+# B is stored (one pass makes it, two read it) while its n x d float32 bytes stay
+# within this; a larger tensor's B is made again in each pass that reads it
+# (:mod:`.recomputed`: the same floats, no n x d buffer). The limit is the reusable
+# buffers' (runtime.MAX_BUFFER_BYTES): a B above it would be a fresh allocation per
+# tensor, whose page faults cost about what making B again does.
+STORED_SCORES_BYTES = runtime.MAX_BUFFER_BYTES
 
 
 class Source(NamedTuple):
@@ -97,8 +104,14 @@ def merge(
     once more, one pass makes the output; m is never stored. With ``scale`` "auto"
     the last pass writes m over B's first row (each chunk after reading it) and the
     chunk's share of :mod:`.auto_scale`'s sums, and step 11 follows with that scale,
-    told to ``on_scale``."""
+    told to ``on_scale``. Above :data:`STORED_SCORES_BYTES` of B, with a fixed scale:
+    :func:`.recomputed.merge`, B never stored ("auto" needs all of m before step 11,
+    and keeps B's buffer for it)."""
     n, d = inputs.shape
+    if n * d * 4 > STORED_SCORES_BYTES and not auto_scale.is_auto(scale):
+        return recomputed.merge(
+            inputs.base, inputs.experts, inputs.loops, bounds, coefficients, pcb_ratio, scale
+        )
     columns = column_chunks(n, d)
     score = runtime.buffer(Role.SCORES, n * d, torch.float32, "cpu").view(n, d)
     cut = selection.RowSelection(n, d, torch.float32, [cut_index(d, pcb_ratio)])
