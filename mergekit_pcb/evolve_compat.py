@@ -16,8 +16,10 @@ emit configs; two wrappers make the result sensible for PCB:
   ``parameters`` (discrete genomes) or the top-level ``parameters`` as a
   gradient over layer groups (``smooth: true``).
 
-The ``normalize`` and ``int8_mask`` parameters that mergekit-evolve always writes
-are not declared by ``pcb``; mergekit ignores undeclared parameters (tested).
+* the ``normalize`` and ``int8_mask`` parameters that mergekit-evolve writes for every
+  method are dropped: ``pcb`` declares neither, and its config check (under
+  ``mergekit-yaml`` and ``run_merge`` too) refuses undeclared names, typos included.
+
 Applied automatically after ``mergekit.evo.genome`` is imported (see
 :mod:`mergekit_pcb._autoload`); :func:`patch` is idempotent.
 """
@@ -32,6 +34,7 @@ from mergekit_pcb.parameters import PCB_RATIO, WEIGHT
 METHOD = "pcb"
 PARAMS = [WEIGHT.name, PCB_RATIO.name]
 MIN_RATIO = 1e-3
+UNDECLARED = ("normalize", "int8_mask")  # written by the genome for every method
 
 
 def _ratio_genes(genome, genotype):
@@ -55,6 +58,8 @@ def _shared_ratio(genome, config, genotype, config_cls):
     ratios = genotype[..., index].mean(dim=1)  # (layer groups, filter sets)
     filters = list(genome.definition.filters or []) + [None]
     data = config.model_dump(mode="json", exclude_none=True)
+    for name in UNDECLARED:
+        data.get("parameters", {}).pop(name, None)
     for entry in data.get("models") or []:
         entry.get("parameters", {}).pop("pcb_ratio", None)
     for out_slice in data.get("slices") or []:

@@ -285,7 +285,8 @@ LlamaConfig().torch_dtype = "bfloat16"
 def test_a_merge_drops_the_warning_and_leaves_it_to_the_user_s_code(family, tmp_path, method):
     """The merge sets ``torch_dtype`` (dtype: float32); the user's own code later in the
     same process still gets transformers' warning: the filter was scoped, not global,
-    and did not use up ``warning_once``."""
+    and did not use up ``warning_once``. (With ``CI=true`` transformers also propagates
+    to the root logger, so the one warning may print twice.)"""
     raw = {
         "merge_method": method,
         "models": [{"model": str(e), "parameters": {"weight": 1.0}} for e in family.experts[:2]],
@@ -297,7 +298,7 @@ def test_a_merge_drops_the_warning_and_leaves_it_to_the_user_s_code(family, tmp_
     result = check(run_python(MERGE_THEN_USER.format(raw=raw, out=str(out))))
     merge, user = result.stderr.split("MARK")
     assert TORCH_DTYPE_DEPRECATION not in merge
-    assert user.count(TORCH_DTYPE_DEPRECATION) == 1
+    assert TORCH_DTYPE_DEPRECATION in user
     assert set(load_tensors(out)) == set(load_tensors(family.base))
 
 
