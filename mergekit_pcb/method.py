@@ -84,7 +84,19 @@ class PCBMerge(GroupMergeMethod):
         common = {"pcb_ratio": params["pcb_ratio"], "scale": params["lambda"]}
         common["on_scale"] = chosen.append
         try:
-            if params["pcb_ratio"] == AUTO:  # tensor scope only (model_scope refuses it)
+            if whole is not None:  # tensor scope for pcb_ratio: auto (model_scope refuses it)
+                rows = [whole[e.id] for e in experts]
+                result = kernel.merge_with_statistics(base, tensors, coefficients, rows, **common)
+            elif kernel.streams(base, tensors, params["clamp_ratio"]):
+                result = kernel.merge_streamed(
+                    base,
+                    tensors,
+                    coefficients,
+                    clamp_ratio=params["clamp_ratio"],
+                    on_ratio=ratios.append,
+                    **common,
+                )
+            elif params["pcb_ratio"] == AUTO:
                 del common["pcb_ratio"]
                 result = kernel.merge_ratio_auto(
                     base,
@@ -93,13 +105,6 @@ class PCBMerge(GroupMergeMethod):
                     clamp_ratio=params["clamp_ratio"],
                     on_ratio=ratios.append,
                     **common,
-                )
-            elif whole is not None:
-                rows = [whole[e.id] for e in experts]
-                result = kernel.merge_with_statistics(base, tensors, coefficients, rows, **common)
-            elif kernel.streams(base, tensors, params["clamp_ratio"]):
-                result = kernel.merge_streamed(
-                    base, tensors, coefficients, clamp_ratio=params["clamp_ratio"], **common
                 )
             else:
                 result = kernel.merge_stored(

@@ -290,6 +290,13 @@ def test_ratio_auto_picks_the_level_most_along_the_sum(dtype, scale):
     )
     assert torch.equal(out, fixed)
     assert len(scales) == (scale == "auto")
+    if kernel.streams(base, experts, 1e-4):  # the compiled path, tau never stored: same bits
+        told = {"ratio": [], "scale": []}
+        again = kernel.merge_streamed(
+            base, experts, weights, pcb_ratio="auto", clamp_ratio=1e-4, scale=scale,
+            on_ratio=told["ratio"].append, on_scale=told["scale"].append,
+        )  # fmt: skip
+        assert told == {"ratio": levels, "scale": scales} and torch.equal(again, out)
 
 
 def test_ratio_auto_is_refused_where_it_cannot_apply(family, tmp_path):

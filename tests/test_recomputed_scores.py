@@ -238,3 +238,68 @@ def test_model_scope_statistics_and_merge_in_pieces_through_mergekit(tmp_path, f
     assert any(not torch.equal(one[k], base[k]) for k in one if k in base)
     for name in one:
         assert torch.equal(one[name], many[name]), name
+
+
+def _auto_merges(monkeypatch, base, experts, weights, pcb_ratio, scale):
+    """(stored B, recomputed B, and for pcb_ratio: auto the torch-ops path that stores
+    tau), each with what it told of the level and the scale."""
+    from mergekit_pcb import kernel
+
+    results = []
+    for limit in (1 << 62, 0):
+        monkeypatch.setattr(streamed, "STORED_SCORES_BYTES", limit)
+        told = {"ratio": [], "scale": []}
+        out = kernel.merge_streamed(
+            base, experts, weights, pcb_ratio=pcb_ratio, clamp_ratio=1e-4, scale=scale,
+            on_scale=told["scale"].append, on_ratio=told["ratio"].append,
+        )  # fmt: skip
+        results.append((out, told))
+    if pcb_ratio == "auto":
+        told = {"ratio": [], "scale": []}
+        out = kernel.merge_ratio_auto(
+            base, experts, weights, clamp_ratio=1e-4, scale=scale,
+            on_scale=told["scale"].append, on_ratio=told["ratio"].append,
+        )  # fmt: skip
+        results.append((out, told))
+    return results
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("pcb_ratio, scale", [(0.2, "auto"), ("auto", 1.3), ("auto", "auto")])
+def test_auto_recomputed_equals_stored_bit_for_bit(
+    monkeypatch, small_chunks, dtype, pcb_ratio, scale
+):
+    """lambda: auto and pcb_ratio: auto on a large tensor: m is never held, B made once
+    more per chunk for the sums of every level; the level, the scale and every output
+    bit are those of the paths that store B (and, for pcb_ratio: auto, tau)."""
+    torch.set_num_threads(2)
+    base, experts = family(D, 3, seed=13, dtype=dtype)
+    results = _auto_merges(monkeypatch, base, experts, [0.8, 1.0, 1.2], pcb_ratio, scale)
+    (first, told), *others = results
+    assert len(told["ratio"]) == (pcb_ratio == "auto") and len(told["scale"]) == (scale == "auto")
+    for out, also in others:
+        assert also == told and torch.equal(out, first)
+    assert not torch.equal(first, base)
+
+
+def test_auto_recomputed_holds_no_n_by_d_buffer(monkeypatch, small_chunks):
+    """Both autos on the large-tensor path: chunk scratch only (m included)."""
+    from mergekit_pcb import kernel
+
+    asked = []
+    original = runtime.buffer
+
+    def spy(role, numel, dtype, device):
+        asked.append((role, numel))
+        return original(role, numel, dtype, device)
+
+    monkeypatch.setattr(runtime, "buffer", spy)
+    monkeypatch.setattr(streamed, "STORED_SCORES_BYTES", 0)
+    base, experts = family(D, 3, seed=5, dtype=torch.bfloat16)
+    kernel.merge_streamed(
+        base, experts, [1.0] * 3, pcb_ratio="auto", clamp_ratio=1e-4, scale="auto"
+    )
+    assert runtime.Role.STREAMED_MERGED in {role for role, _ in asked}
+    assert runtime.Role.SCORES not in {role for role, _ in asked}
+    chunked = [numel for role, numel in asked if role is not runtime.Role.CUT_SAMPLE]
+    assert max(chunked) <= 4 * runtime.CHUNK_ELEMENTS < 3 * D // 4

@@ -22,7 +22,7 @@ gets the same Lambda to the bit, whatever the threads.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -37,6 +37,33 @@ Partial = tuple[float, float, float, float]  # <m, s>, |m|^2, |s|^2, E over some
 
 def is_auto(scale: float | str) -> bool:
     return isinstance(scale, str) and scale == AUTO
+
+
+def ratios(pcb_ratio: float | str) -> tuple[float, ...]:
+    """The cuts a merge takes: every level for ``pcb_ratio: auto``, else the one."""
+    return RATIO_LEVELS if is_auto(pcb_ratio) else (float(pcb_ratio),)
+
+
+def choose(
+    found: dict[int, list[Partial]],
+    levels: Sequence[float],
+    scale: float | str,
+    on_scale: Callable[[float], None] | None,
+    on_ratio: Callable[[float], None] | None,
+) -> tuple[int, float]:
+    """(the cut, the scale) from each chunk's partial sums at every cut (``found``, by
+    the chunk's first column; empty where neither is auto), each told where it was
+    chosen: the level by :func:`best_level`, then Lambda of that level's m."""
+    level = 0
+    if len(levels) > 1:
+        level = best_level([cosine_of(by_level(found, k)) for k in range(len(levels))])
+        if on_ratio is not None:
+            on_ratio(levels[level])
+    if is_auto(scale):
+        scale = scale_of(by_level(found, level))
+        if on_scale is not None:
+            on_scale(scale)
+    return level, scale
 
 
 def task_sum(rows: torch.Tensor, coefficients: Sequence[float]) -> tuple[torch.Tensor, float]:
@@ -84,6 +111,31 @@ def scale_of(partials: dict[int, Partial]) -> float:
     return max(0.0, ms / mm) * (min(1.0, ee / ss) if ss > 0 else 1.0)
 
 
+def cosine_of(partials: dict[int, Partial]) -> float:
+    """cos(m, s) from the chunks' partial sums, added as :func:`scale_of` adds them
+    (-inf where m or s is zero)."""
+    ms = mm = ss = 0.0
+    for start in sorted(partials):
+        a, b, c, _ = partials[start]
+        ms, mm, ss = ms + a, mm + b, ss + c
+    return ms / math.sqrt(mm * ss) if mm > 0 and ss > 0 else -math.inf
+
+
+def best_level(cosines: Sequence[float]) -> int:
+    """``pcb_ratio: auto``'s pick among :data:`RATIO_LEVELS`: the largest cosine, the
+    first on a tie (also when every m is zero)."""
+    best = 0
+    for k, cosine in enumerate(cosines):
+        if cosine > cosines[best]:
+            best = k
+    return best
+
+
+def by_level(found: dict[int, list[Partial]], k: int) -> dict[int, Partial]:
+    """Level ``k``'s partial sums out of each chunk's list of every level's."""
+    return {start: levels[k] for start, levels in found.items()}
+
+
 class Stored:
     """s and E of a stored n x d tau, taken before the steps consume it; then Lambda
     from m over the same chunks the other paths use."""
@@ -109,10 +161,4 @@ class Stored:
         return scale_of(self.partials(merged))
 
     def cosine(self, merged: torch.Tensor) -> float:
-        """cos(m, s), added as :func:`scale_of` adds (-inf where m or s is zero)."""
-        found = self.partials(merged)
-        ms = mm = ss = 0.0
-        for start in sorted(found):
-            a, b, c, _ = found[start]
-            ms, mm, ss = ms + a, mm + b, ss + c
-        return ms / math.sqrt(mm * ss) if mm > 0 and ss > 0 else -math.inf
+        return cosine_of(self.partials(merged))

@@ -223,22 +223,9 @@ def add_scaled_chunk(
     )
 
 
-def combine_streamed(
-    source: Inputs,
-    cols: slice,
-    score: torch.Tensor,
-    bounds: tuple[torch.Tensor, torch.Tensor],
-    threshold: torch.Tensor,
-    span: torch.Tensor,
-    coefficients: torch.Tensor,
-    output: tuple[torch.Tensor, float, torch.Tensor],
-    sums: tuple[torch.Tensor, torch.Tensor],
-) -> None:
-    """Steps 1-4 and 9-11 for ``cols`` from the inputs and B: ``output`` is (base, lambda,
-    out), and out gets what :func:`add_scaled_chunk` makes of the merged task vector
-    (the same floats as :func:`combine_chunk` gives), which is never stored; with
-    lambda None, out (float32) gets m itself.
-    ``sums``: two scratch vectors of the chunk's width."""
+def _combine(source, cols, score, bounds, threshold, span, coefficients, sums) -> None:
+    """Step 10's sums of ``cols`` into ``sums`` (numerator, denominator: the chunk's
+    width), T~ made from the inputs, W from B's rows in ``score`` (read at ``cols``)."""
     loops = _loops()
     numerator, denominator = (t.numpy() for t in sums)
     numerator[:] = 0
@@ -252,14 +239,30 @@ def combine_streamed(
             (*expert, *source.base), cols.start, cols.stop, f32(low[i]), f32(high[i]), scores[i],
             f32(t[i]), f32(width[i]), f32(weight[i]), numerator, denominator,
         )  # fmt: skip
+
+
+def combine_streamed(
+    source: Inputs,
+    cols: slice,
+    score: torch.Tensor,
+    bounds: tuple[torch.Tensor, torch.Tensor],
+    threshold: torch.Tensor,
+    span: torch.Tensor,
+    coefficients: torch.Tensor,
+    output: tuple[torch.Tensor, float, torch.Tensor],
+    sums: tuple[torch.Tensor, torch.Tensor],
+) -> None:
+    """Steps 1-4 and 9-11 for ``cols`` from the inputs and B: ``output`` is (base, lambda,
+    out), and out gets what :func:`add_scaled_chunk` makes of the merged task vector
+    (the same floats as :func:`combine_chunk` gives), which is never stored.
+    ``sums``: two scratch vectors of the chunk's width."""
+    _combine(source, cols, score, bounds, threshold, span, coefficients, sums)
     base, scale, out = output
-    if scale is None:  # lambda: auto: m itself (float32) into out, scaled later
-        loops.finish(numerator, denominator, out[cols].numpy())
-        return
     base_bits, shift, target, to_bf16 = _output_args(base, out)
-    loops.finish_output(
-        numerator, denominator, base_bits, shift, cols.start, cols.stop, f32(scale), target, to_bf16
-    )
+    _loops().finish_output(
+        *(t.numpy() for t in sums), base_bits, shift, cols.start, cols.stop, np.float32(scale),
+        target, to_bf16,
+    )  # fmt: skip
 
 
 def rank_values(row: torch.Tensor, ranks: Sequence[int]) -> torch.Tensor:
@@ -280,6 +283,36 @@ def _columns(source: Inputs, cols: slice) -> Inputs:
     )
 
 
+def scores_known(
+    source: Inputs,
+    cols: slice,
+    bounds: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    score: torch.Tensor,
+    total: torch.Tensor,
+) -> Inputs:
+    """Steps 1-8 of ``cols`` into an n x w ``score`` (``total``: w of scratch), with each
+    row's maximum known elsewhere (not tracked): the loops of :func:`scores_streamed` on
+    the chunk alone. Returns the inputs' view of the chunk (index it from 0)."""
+    loops = _loops()
+    chunk = _columns(source, cols)
+    w = cols.stop - cols.start
+    column_total = total.numpy()
+    for i, expert in enumerate(chunk.experts):
+        loops.total_row((*expert, *chunk.base), 0, w, column_total, i == 0)
+    low, high, width = (b.tolist() for b in bounds)
+    f32 = np.float32
+    scale = f32(len(chunk.experts) * math.log2(math.e))
+    key = _no_keys(1)[0]  # the row maxima are known: the keys are not read
+    no_sample = np.empty(0, np.int32)
+    rows = score.numpy()
+    for i, expert in enumerate(chunk.experts):
+        loops.score_row(
+            (*expert, *chunk.base), 0, w, column_total, f32(low[i]), f32(high[i]),
+            f32(width[i]), scale, rows[i], key, no_sample, 0,
+        )  # fmt: skip
+    return chunk
+
+
 def merge_chunk_known(
     source: Inputs,
     cols: slice,
@@ -291,48 +324,59 @@ def merge_chunk_known(
     scratch: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
 ) -> None:
     """Steps 1-11 on ``cols`` with the cut ``threshold`` and ``span`` (= M - t) already
-    known: :func:`scores_streamed` then :func:`combine_streamed` on the chunk alone,
+    known: :func:`scores_known` then :func:`combine_streamed`'s loops on the chunk alone,
     with B in an n x w ``scratch`` (scores, column total, numerator, denominator)
     instead of an n x d buffer. The same loops on the same blocks: the same floats.
     ``output``: (lambda, the flat output of d); lambda None: m itself into a float32 out."""
-    loops = _loops()
-    chunk = _columns(source, cols)
+    score, total, numerator, denominator = scratch
+    chunk = scores_known(source, cols, bounds, score, total)
     w = cols.stop - cols.start
-    score, total, numerator, denominator = (t.numpy() for t in scratch)
-    for i, expert in enumerate(chunk.experts):
-        loops.total_row((*expert, *chunk.base), 0, w, total, i == 0)
-    low, high, width = (b.tolist() for b in bounds)
-    f32 = np.float32
-    scale = f32(len(chunk.experts) * math.log2(math.e))
-    key = _no_keys(1)[0]  # the row maxima are known: the keys are not read
-    no_sample = np.empty(0, np.int32)
-    for i, expert in enumerate(chunk.experts):
-        loops.score_row(
-            (*expert, *chunk.base), 0, w, total, f32(low[i]), f32(high[i]), f32(width[i]), scale,
-            score[i], key, no_sample, 0,
-        )  # fmt: skip
-    numerator[:] = 0
-    denominator[:] = 0
-    t, kept, weight = threshold.tolist(), span.tolist(), coefficients.tolist()
-    for i, expert in enumerate(chunk.experts):
-        loops.combine_row(
-            (*expert, *chunk.base), 0, w, f32(low[i]), f32(high[i]), score[i],
-            f32(t[i]), f32(kept[i]), f32(weight[i]), numerator, denominator,
-        )  # fmt: skip
+    _combine(chunk, slice(0, w), score, bounds[:2], threshold, span, coefficients, scratch[2:])
+    loops = _loops()
     scale_out, out = output
     if scale_out is None:  # lambda: auto: m itself (float32) into out, scaled later
-        loops.finish(numerator, denominator, out[cols].numpy())
+        loops.finish(numerator.numpy(), denominator.numpy(), out[cols].numpy())
         return
     target = out[cols].view(_PATTERNS[out.dtype][0]).numpy()
     loops.finish_output(
-        numerator, denominator, *chunk.base, 0, w, f32(scale_out), target,
+        numerator.numpy(), denominator.numpy(), *chunk.base, 0, w, np.float32(scale_out), target,
         out.dtype == torch.bfloat16,
     )  # fmt: skip
 
 
-def auto_sums_streamed(source: Inputs, cols: slice, weights: Sequence[float], merged) -> tuple:
-    """lambda: auto's (<m, s>, |m|^2, |s|^2, E) on ``cols``, tau made from the inputs
-    (the float32 m of those columns given); the same floats as :func:`auto_sums_stored`."""
+def level_partials(
+    source: Inputs,
+    cols: slice,
+    score: torch.Tensor,
+    bounds: tuple[torch.Tensor, torch.Tensor],
+    thresholds: torch.Tensor,
+    spans: torch.Tensor,
+    coefficients: torch.Tensor,
+    scratch: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+) -> list[tuple[float, float, float, float]]:
+    """For each cut (column k of the n x k ``thresholds`` and ``spans``): m of ``cols``
+    as :func:`combine_streamed` makes it (from B in ``score``, read at ``cols``), and
+    lambda: auto's (<m, s>, |m|^2, |s|^2, E) over them, as :func:`auto_sums_streamed`
+    adds them; s and E are made once for every cut. ``scratch``: three vectors of the
+    chunk's width (numerator, denominator, m). m itself is not kept: ``pcb_ratio: auto``
+    compares the cuts by these sums, and the chosen cut is merged again."""
+    loops = _loops()
+    total, energy = _task_sum_streamed(source, cols, coefficients.tolist())
+    numerator, denominator, merged = (t.numpy() for t in scratch)
+    found = []
+    for k in range(thresholds.shape[1]):
+        _combine(
+            source, cols, score, bounds, thresholds[:, k].contiguous(), spans[:, k].contiguous(),
+            coefficients, scratch[:2],
+        )  # fmt: skip
+        loops.finish(numerator, denominator, merged)
+        found.append((*loops.auto_dots(merged, total), energy))
+    return found
+
+
+def _task_sum_streamed(source: Inputs, cols: slice, weights: Sequence[float]) -> tuple:
+    """(s of ``cols``, added in float64 and rounded once to float32; E), tau made from
+    the inputs: the floats :func:`auto_task_sum` gives from a stored tau."""
     loops = _loops()
     total = np.zeros(cols.stop - cols.start, np.float64)
     energy = 0.0
@@ -340,7 +384,15 @@ def auto_sums_streamed(source: Inputs, cols: slice, weights: Sequence[float], me
         energy += loops.weighted_input_row(
             (*expert, *source.base), cols.start, cols.stop, np.float64(weight), total
         )
-    return (*loops.auto_dots(merged.numpy(), total.astype(np.float32)), energy)
+    return total.astype(np.float32), energy
+
+
+def auto_sums_streamed(source: Inputs, cols: slice, weights: Sequence[float], merged) -> tuple:
+    """lambda: auto's (<m, s>, |m|^2, |s|^2, E) on ``cols``, tau made from the inputs
+    (the float32 m of those columns given); the same floats as :func:`auto_task_sum` and
+    :func:`auto_dots` give from a stored tau."""
+    total, energy = _task_sum_streamed(source, cols, weights)
+    return (*_loops().auto_dots(merged.numpy(), total), energy)
 
 
 def auto_task_sum(rows: torch.Tensor, weights: Sequence[float], out: torch.Tensor) -> float:

@@ -60,14 +60,17 @@ def merge_streamed(
     experts: Sequence[torch.Tensor],
     coefficients: Sequence[float],
     *,
-    pcb_ratio: float,
+    pcb_ratio: float | str,
     clamp_ratio: float,
     scale: float | str,
     on_scale: Callable[[float], None] | None = None,
+    on_ratio: Callable[[float], None] | None = None,
 ) -> torch.Tensor:
     """base + scale * m in the base's dtype and shape (the base itself if no expert
     changed it), read straight from the inputs, where :func:`streams` says so.
-    ``scale`` "auto": :mod:`.auto_scale` chooses it, and ``on_scale`` is told."""
+    ``scale`` "auto": :mod:`.auto_scale` chooses it, and ``on_scale`` is told;
+    ``pcb_ratio`` "auto": the level :func:`merge_ratio_auto` picks, told to ``on_ratio``
+    (the same floats, in O(chunk) memory beyond B, or beyond nothing for large tensors)."""
     inputs = streamed.source(base, experts)
     stats = streamed.statistics(inputs, clamp_ratio)
     if not stats.finite:
@@ -75,7 +78,7 @@ def merge_streamed(
     if not stats.changed:
         return base
     weights = torch.tensor(coefficients, dtype=torch.float32)
-    merged = streamed.merge(inputs, stats.bounds, weights, pcb_ratio, scale, on_scale)
+    merged = streamed.merge(inputs, stats.bounds, weights, pcb_ratio, scale, on_scale, on_ratio)
     return merged.reshape(base.shape)
 
 
@@ -214,7 +217,8 @@ def merge_ratio_auto(
     """``pcb_ratio: auto``: as :func:`merge_stored` at the level of
     :data:`.auto_scale.RATIO_LEVELS` whose m has the largest cosine with s (the Task
     Arithmetic sum; the first level on a tie), told to ``on_ratio``. tau and B are made
-    once; W and m once per level (B's n x d twice over while it runs)."""
+    once; W and m once per level (B's n x d twice over while it runs). Where
+    :func:`streams`, :func:`merge_streamed` gives the same floats without tau."""
     n, d = len(experts), base.numel()
     clip = ClipSelection(n, d, compute_dtype(base.dtype), clamp_ratio)
     vectors = _task_vectors(base, experts, observe=clip.feed)
@@ -233,7 +237,7 @@ def merge_ratio_auto(
         merged = combine(clipped, kept, weights)
         del kept
         cosine = total.cosine(merged)
-        if best is None or cosine > best[0]:
+        if best is None or cosine > best[0]:  # as auto_scale.best_level
             best = (cosine, ratio, merged)
     _, ratio, merged = best
     if on_ratio is not None:

@@ -29,10 +29,11 @@ tensors take it.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable, Sequence
 
 import torch
 
-from mergekit_pcb.kernel import bindings, radix, runtime, selection
+from mergekit_pcb.kernel import auto_scale, bindings, radix, runtime, selection
 from mergekit_pcb.kernel.runtime import Role, column_chunks
 from mergekit_pcb.kernel.torch_ops import ClipBounds, cut_index, safe_span
 
@@ -71,16 +72,21 @@ def merge(
     loops: bindings.Inputs,
     bounds: ClipBounds,
     coefficients: torch.Tensor,
-    pcb_ratio: float,
-    scale: float,
+    ratios: Sequence[float],
+    scale: float | str,
+    on_scale: Callable[[float], None] | None = None,
+    on_ratio: Callable[[float], None] | None = None,
 ) -> torch.Tensor:
     """What :func:`.streamed.merge` returns for these flat inputs (``loops``: their
-    :func:`.bindings.inputs`), in O(chunk) working memory besides the output."""
+    :func:`.bindings.inputs`; ``ratios``: the cuts to take, several for ``pcb_ratio:
+    auto``), in O(chunk) working memory besides the output. With ``pcb_ratio: auto``
+    or ``lambda: auto``, a pass between the cut and the merge makes m of each chunk at
+    every cut and keeps only :mod:`.auto_scale`'s sums of it (B made once per chunk)."""
     n, d = len(experts), base.numel()
     columns = column_chunks(n, d)
     clip = (bounds.low.contiguous(), bounds.high.contiguous())
     rows = (*clip, safe_span(*clip))
-    cut = selection.RowSelection(n, d, F32, [cut_index(d, pcb_ratio)])
+    cut = selection.RowSelection(n, d, F32, [cut_index(d, r) for r in ratios])
     tops: dict[int, torch.Tensor] = {}  # each read chunk's row maxima, by first column
     ends: dict[int, int] = {}  # and its end
     lock = threading.Lock()
@@ -110,21 +116,37 @@ def merge(
 
     # Pass 2 reads every chunk (the window's count, or the radix passes if it missed),
     # or pass 1 did: either way the row maxima are complete (checked, not assumed).
-    threshold = cut.finish(columns, chunk_scores, values_at, "cpu")[:, 0].contiguous()
+    thresholds = cut.finish(columns, chunk_scores, values_at, "cpu")
     if not _covers(ends, d):
         runtime.map_chunks(chunk_scores, columns, "cpu")
-    span = safe_span(threshold, selection.row_maxima(tops))
+    top = selection.row_maxima(tops)
+    spans = torch.stack([safe_span(t, top) for t in thresholds.unbind(1)], dim=1)
     weights = coefficients.to(dtype=F32).contiguous()
+
+    def level_sums(cols: slice) -> None:
+        w = cols.stop - cols.start
+        score = runtime.buffer(Role.CHUNK_SCORES, n * w, F32, "cpu").view(n, w)
+        total = runtime.buffer(Role.STREAMED_TOTAL, w, F32, "cpu")
+        chunk = bindings.scores_known(loops, cols, rows, score, total)
+        scratch = tuple(runtime.buffer(role, w, F32, "cpu") for role in runtime.CHUNK_SUMS)
+        found[cols.start] = bindings.level_partials(
+            chunk, slice(0, w), score, clip, thresholds, spans, weights, scratch
+        )
+
+    found: dict[int, list[auto_scale.Partial]] = {}
+    if len(ratios) > 1 or auto_scale.is_auto(scale):
+        runtime.map_chunks(level_sums, columns, "cpu")
+    level, scale = auto_scale.choose(found, ratios, scale, on_scale, on_ratio)
+    threshold, span = thresholds[:, level].contiguous(), spans[:, level].contiguous()
     merged = torch.empty(d, dtype=base.dtype)
     output = (scale, merged)
 
-    def combine(cols: slice) -> None:  # pass 3
+    def combine(cols: slice) -> None:  # the last pass
         w = cols.stop - cols.start
         scratch = (
             runtime.buffer(Role.CHUNK_SCORES, n * w, F32, "cpu").view(n, w),
             runtime.buffer(Role.STREAMED_TOTAL, w, F32, "cpu"),
-            runtime.buffer(Role.STREAMED_NUMERATOR, w, F32, "cpu"),
-            runtime.buffer(Role.STREAMED_DENOMINATOR, w, F32, "cpu"),
+            *(runtime.buffer(role, w, F32, "cpu") for role in runtime.CHUNK_SUMS[:2]),
         )
         bindings.merge_chunk_known(loops, cols, rows, threshold, span, weights, output, scratch)
 

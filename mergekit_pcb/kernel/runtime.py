@@ -92,9 +92,13 @@ class Role(Enum):
     STREAMED_TOTAL = "streamed total"  # the streamed path's column sums
     STREAMED_NUMERATOR = "streamed numerator"
     STREAMED_DENOMINATOR = "streamed denominator"
+    STREAMED_MERGED = "streamed m"  # m of one chunk (lambda: auto, pcb_ratio: auto)
     CHUNK_TAU = "chunk tau"  # tau of one chunk (merges with known cuts)
     CHUNK_SCORES = "chunk scores"  # B of one chunk (merges with known cuts)
 
+
+# Scratch of one chunk's width: step 10's numerator and denominator, and m.
+CHUNK_SUMS = (Role.STREAMED_NUMERATOR, Role.STREAMED_DENOMINATOR, Role.STREAMED_MERGED)
 
 _local = threading.local()
 

@@ -22,7 +22,6 @@ from mergekit_pcb.kernel import auto_scale, bindings, recomputed, runtime, selec
 from mergekit_pcb.kernel.runtime import BLOCK, Role, column_chunks
 from mergekit_pcb.kernel.torch_ops import (
     ClipBounds,
-    add_scaled,
     clip_bounds_from,
     cut_index,
     quantile_indices,
@@ -95,26 +94,31 @@ def merge(
     inputs: Source,
     bounds: ClipBounds,
     coefficients: torch.Tensor,
-    pcb_ratio: float,
+    pcb_ratio: float | str,
     scale: float | str,
     on_scale: Callable[[float], None] | None = None,
+    on_ratio: Callable[[float], None] | None = None,
 ) -> torch.Tensor:
     """The merged tensor base + scale * m (steps 1-11, flat, in the base's dtype): one
     pass makes B (its row maxima and the cut's sample on the way), the cut reads B
-    once more, one pass makes the output; m is never stored. With ``scale`` "auto"
-    the last pass writes m over B's first row (each chunk after reading it) and the
-    chunk's share of :mod:`.auto_scale`'s sums, and step 11 follows with that scale,
-    told to ``on_scale``. Above :data:`STORED_SCORES_BYTES` of B, with a fixed scale:
-    :func:`.recomputed.merge`, B never stored ("auto" needs all of m before step 11,
-    and keeps B's buffer for it)."""
+    once more, one pass makes the output; m is never stored. Above
+    :data:`STORED_SCORES_BYTES` of B: :func:`.recomputed.merge`, B never stored.
+
+    ``pcb_ratio`` "auto" takes the cut at each of :data:`.auto_scale.RATIO_LEVELS`, and
+    ``scale`` "auto" needs all of m before step 11: then one more pass makes m of
+    every chunk at every cut (:func:`.bindings.level_partials`) and keeps only
+    :mod:`.auto_scale`'s sums of it; the level (told to ``on_ratio``) and the scale
+    (``on_scale``) come from those, and the last pass merges that cut at that scale."""
     n, d = inputs.shape
-    if n * d * 4 > STORED_SCORES_BYTES and not auto_scale.is_auto(scale):
+    ratios = auto_scale.ratios(pcb_ratio)
+    if n * d * 4 > STORED_SCORES_BYTES:
         return recomputed.merge(
-            inputs.base, inputs.experts, inputs.loops, bounds, coefficients, pcb_ratio, scale
-        )
+            inputs.base, inputs.experts, inputs.loops, bounds, coefficients, ratios, scale,
+            on_scale, on_ratio,
+        )  # fmt: skip
     columns = column_chunks(n, d)
     score = runtime.buffer(Role.SCORES, n * d, torch.float32, "cpu").view(n, d)
-    cut = selection.RowSelection(n, d, torch.float32, [cut_index(d, pcb_ratio)])
+    cut = selection.RowSelection(n, d, torch.float32, [cut_index(d, r) for r in ratios])
     clip = (bounds.low.contiguous(), bounds.high.contiguous())
     rows = (*clip, safe_span(*clip))
     tops: dict[int, torch.Tensor] = {}
@@ -128,33 +132,32 @@ def merge(
             cut.feed(cols, score[:, cols])
 
     runtime.map_chunks(scores, columns, "cpu")
-    threshold = cut.finish_stored(score)[:, 0].contiguous()
-    span = safe_span(threshold, selection.row_maxima(tops))
+    thresholds = cut.finish_stored(score)
+    top = selection.row_maxima(tops)
+    spans = torch.stack([safe_span(t, top) for t in thresholds.unbind(1)], dim=1)
     coefficients = coefficients.to(dtype=torch.float32).contiguous()
-    auto = auto_scale.is_auto(scale)
-    merged = score[0] if auto else torch.empty(d, dtype=inputs.base.dtype)
-    output = (inputs.base, None if auto else scale, merged)
-    partials: dict[int, auto_scale.Partial] = {}
-    weights = coefficients.tolist()
+
+    def level_sums(cols: slice) -> None:
+        w = cols.stop - cols.start
+        scratch = tuple(runtime.buffer(r, w, torch.float32, "cpu") for r in runtime.CHUNK_SUMS)
+        found[cols.start] = bindings.level_partials(
+            inputs.loops, cols, score, clip, thresholds, spans, coefficients, scratch
+        )
+
+    found: dict[int, list[auto_scale.Partial]] = {}
+    if len(ratios) > 1 or auto_scale.is_auto(scale):
+        runtime.map_chunks(level_sums, columns, "cpu")
+    level, scale = auto_scale.choose(found, ratios, scale, on_scale, on_ratio)
+    threshold, span = thresholds[:, level].contiguous(), spans[:, level].contiguous()
+    merged = torch.empty(d, dtype=inputs.base.dtype)
+    output = (inputs.base, scale, merged)
 
     def combine(cols: slice) -> None:
         w = cols.stop - cols.start
-        sums = tuple(
-            runtime.buffer(role, w, torch.float32, "cpu")
-            for role in (Role.STREAMED_NUMERATOR, Role.STREAMED_DENOMINATOR)
-        )
+        sums = tuple(runtime.buffer(r, w, torch.float32, "cpu") for r in runtime.CHUNK_SUMS[:2])
         bindings.combine_streamed(
             inputs.loops, cols, score, clip, threshold, span, coefficients, output, sums
         )
-        if auto:
-            partials[cols.start] = bindings.auto_sums_streamed(
-                inputs.loops, cols, weights, merged[cols]
-            )
 
     runtime.map_chunks(combine, columns, "cpu")
-    if not auto:
-        return merged
-    chosen = auto_scale.scale_of(partials)
-    if on_scale is not None:
-        on_scale(chosen)
-    return add_scaled(inputs.base, merged, chosen, inputs.base.dtype)
+    return merged
