@@ -22,6 +22,7 @@ from mergekit_pcb.kernel import auto_scale, bindings, recomputed, runtime, selec
 from mergekit_pcb.kernel.runtime import BLOCK, Role, column_chunks
 from mergekit_pcb.kernel.torch_ops import (
     ClipBounds,
+    add_scaled,
     clip_bounds_from,
     cut_index,
     quantile_indices,
@@ -108,7 +109,8 @@ def merge(
     ``scale`` "auto" needs all of m before step 11: then one more pass makes m of
     every chunk at every cut (:func:`.bindings.level_partials`) and keeps only
     :mod:`.auto_scale`'s sums of it; the level (told to ``on_ratio``) and the scale
-    (``on_scale``) come from those, and the last pass merges that cut at that scale."""
+    (``on_scale``) come from those, and the last pass merges that cut at that scale
+    (with one cut, m is kept over B's first row and scaled instead)."""
     n, d = inputs.shape
     ratios = auto_scale.ratios(pcb_ratio)
     if n * d * 4 > STORED_SCORES_BYTES:
@@ -137,17 +139,25 @@ def merge(
     spans = torch.stack([safe_span(t, top) for t in thresholds.unbind(1)], dim=1)
     coefficients = coefficients.to(dtype=torch.float32).contiguous()
 
+    # lambda: auto at one cut: m of each chunk is written over B's first row there (read
+    # just before), and step 11 follows from it, instead of merging the cut once more.
+    keep_m = len(ratios) == 1 and auto_scale.is_auto(scale)
+
     def level_sums(cols: slice) -> None:
         w = cols.stop - cols.start
-        scratch = tuple(runtime.buffer(r, w, torch.float32, "cpu") for r in runtime.CHUNK_SUMS)
+        scratch = [runtime.buffer(r, w, torch.float32, "cpu") for r in runtime.CHUNK_SUMS]
+        if keep_m:
+            scratch[2] = score[0, cols]
         found[cols.start] = bindings.level_partials(
-            inputs.loops, cols, score, clip, thresholds, spans, coefficients, scratch
+            inputs.loops, cols, score, clip, thresholds, spans, coefficients, tuple(scratch)
         )
 
     found: dict[int, list[auto_scale.Partial]] = {}
     if len(ratios) > 1 or auto_scale.is_auto(scale):
         runtime.map_chunks(level_sums, columns, "cpu")
     level, scale = auto_scale.choose(found, ratios, scale, on_scale, on_ratio)
+    if keep_m:
+        return add_scaled(inputs.base, score[0], scale, inputs.base.dtype)
     threshold, span = thresholds[:, level].contiguous(), spans[:, level].contiguous()
     merged = torch.empty(d, dtype=inputs.base.dtype)
     output = (inputs.base, scale, merged)
