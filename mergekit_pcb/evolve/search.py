@@ -211,7 +211,8 @@ def run_search(cfg: EvolveConfig, out: Path, opts: RunOptions) -> dict:
     LOG.info("took the statistics of %d tensors in %.1f s", len(planned), clock.statistics)
     del planned
     # Agreement tasks: each expert's outputs on its prompts, once (reused when cached).
-    with _bar(agreement.total_prompts(tasks), 0, "expert outputs", opts.progress, "prompt") as bar:
+    prompts = agreement.total_prompts(tasks)  # no bar without an agreement task
+    with _bar(prompts, 0, "expert outputs", opts.progress and prompts > 0, "prompt") as bar:
         outputs = agreement.build(tasks, inputs, tokenizer, cache_dir, bar.update)
     clock.expert_outputs = outputs.seconds
 
