@@ -93,7 +93,7 @@ def _reference_score(toy, prompts: dict[str, str], model, k: int, max_new: int, 
         total, count = 0.0, 0
         for line in Path(path).read_text().splitlines()[:n]:
             seq = [tok.bos_token_id, *[tok.get_vocab()[c] for c in json.loads(line)["text"]]]
-            first = len(seq) - 1
+            first = len(seq) - 1 if max_new else 0  # 0: the prompt's own tokens
             with torch.no_grad():
                 for _ in range(max_new):
                     nxt = int(expert(input_ids=torch.tensor([seq])).logits[0, -1].argmax())
@@ -119,14 +119,15 @@ def _spec(prompts: dict[str, str], **keys) -> TaskSpec:
     return TaskSpec(name="agree", type="agreement", prompts=prompts, **keys)
 
 
-@pytest.mark.parametrize("limit", [None, 3])
-def test_the_scorer_equals_the_slow_reference(toy, tmp_path, limit):
+@pytest.mark.parametrize(("limit", "max_new"), [(None, 6), (3, 6), (None, 0)])
+def test_the_scorer_equals_the_slow_reference(toy, tmp_path, limit, max_new):
     """The cached top-k outputs (batched, padded) scored against the base model equal the
-    reference; a slice is the first ``limit`` prompts of the round-robin over experts."""
+    reference; a slice is the first ``limit`` prompts of the round-robin over experts;
+    ``max_new_tokens: 0`` scores the prompts' own tokens."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     prompts = _prompts(toy, tmp_path, 5)
-    spec = _spec(prompts, top_k=4, max_new_tokens=6, batch_size=2)
+    spec = _spec(prompts, top_k=4, max_new_tokens=max_new, batch_size=2)
     tok = AutoTokenizer.from_pretrained(toy["base"])
     built = agreement.build([spec], _inputs(toy), tok, tmp_path / "cache")
     model = AutoModelForCausalLM.from_pretrained(toy["base"], dtype=torch.float32).eval()
@@ -134,7 +135,8 @@ def test_the_scorer_equals_the_slow_reference(toy, tmp_path, limit):
     taken = agreement.interleave([5, 5], limit)
     assert taken == ([5, 5] if limit is None else [2, 1])
     assert examples == sum(taken)
-    assert score == pytest.approx(_reference_score(toy, prompts, model, 4, 6, taken), rel=1e-4)
+    reference = _reference_score(toy, prompts, model, 4, max_new, taken)
+    assert score == pytest.approx(reference, rel=1e-4)
     expert = AutoModelForCausalLM.from_pretrained(toy["experts"][0], dtype=torch.float32).eval()
     only_first = {k: v for k, v in built.entries.items()}
     only_first["agree"] = only_first["agree"][:1]
@@ -230,6 +232,10 @@ def _search(toy, folder: Path, prompts: dict, name: str = "search", **optimizer)
         ("data on agreement", "task 'agree': 'data' is not for type agreement"),
         ("top_k on a loss task", "task 'agree': 'top_k' is only for type agreement"),
         ("rescore", "optimizer.rescore: task 'agree' (agreement) has no rescore split"),
+        (
+            "max_new_tokens 0 elsewhere",
+            "task 'agree': max_new_tokens: 0 is only for type agreement",
+        ),
     ],
 )
 def test_bad_input_is_one_line_naming_the_key(toy, tmp_path, case, message):
@@ -256,6 +262,9 @@ def test_bad_input_is_one_line_naming_the_key(toy, tmp_path, case, message):
         task["data"] = str(toy["data"] / "max_val.jsonl")
     elif case == "top_k on a loss task":
         task.update(type="loss", data=str(toy["data"] / "max_val.jsonl"), top_k=4)
+        task.pop("prompts")
+    elif case == "max_new_tokens 0 elsewhere":
+        task.update(type="loss", data=str(toy["data"] / "max_val.jsonl"), max_new_tokens=0)
         task.pop("prompts")
     elif case == "rescore":
         cfg["optimizer"]["rescore"] = 2

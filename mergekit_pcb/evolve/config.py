@@ -174,7 +174,8 @@ class TaskSpec(_Strict):
     weight: float = Field(default=1.0, gt=0)
     batch_size: int = Field(default=32, ge=1)
     limit: int | None = Field(default=None, ge=1)
-    max_new_tokens: int | None = Field(default=None, ge=1)
+    # exact_match: the generation's length; agreement: each expert's continuation (0: none)
+    max_new_tokens: int | None = Field(default=None, ge=0)
     function: str | None = None
     test_function: str | None = None
     kwargs: dict[str, Any] = Field(default_factory=dict)
@@ -204,6 +205,11 @@ class TaskSpec(_Strict):
         t = self.type
         if t == "agreement":
             self._agreement_fields()
+        elif self.max_new_tokens == 0:
+            raise ValueError(
+                f"task '{self.name}': max_new_tokens: 0 is only for type agreement (no "
+                "continuation); allowed here: >= 1"
+            )
         elif any(getattr(self, key) is not None for key in AGREEMENT_KEYS):
             given = next(key for key in AGREEMENT_KEYS if getattr(self, key) is not None)
             raise ValueError(f"task '{self.name}': '{given}' is only for type agreement")
