@@ -126,6 +126,9 @@ METHODS: tuple[Method, ...] = (
         via="evolve",
         available=_quality_evolve.agreement_available,
         search=_quality_evolve.EvolveSpec(label_free=True),
+        # Out of --quick: one more search per run; tests/test_evolve_agreement.py covers
+        # the task type, the full benchmark the row.
+        quick=False,
     ),
     Method("pcb + random search", "pcb", via="random"),
     Method("pcb + random search (4x)", "pcb", via="random", budget_factor=4),

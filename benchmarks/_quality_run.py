@@ -526,7 +526,13 @@ def _merge_rows(result: dict, target: Path, *, plot_png: bool) -> None:
     merged = dict(published)
     merged["methods"] = {**published["methods"], **partial["methods"]}
     merged["comparisons"] = {**published["comparisons"], **partial["comparisons"]}
-    merged["curves"] = {**published["curves"], **partial["curves"]}
+    # A curve is merged point by point (by examples scored): rerunning one row of a
+    # several-row curve (e.g. `pcb + evolve` without its 1/3 and 4x rows) keeps the others.
+    merged["curves"] = dict(published["curves"])
+    for label, points in partial["curves"].items():
+        kept = {p["examples"]: p for p in published["curves"].get(label, [])}
+        kept.update({p["examples"]: p for p in points})
+        merged["curves"][label] = sorted(kept.values(), key=lambda p: p["examples"])
     merged["search_vs_grid"] = {**published["search_vs_grid"], **partial["search_vs_grid"]}
     merged["verdicts"] = verdicts(merged)
     merged["reruns"] = [

@@ -153,6 +153,18 @@ def test_example_search_config_is_valid():
     assert cfg.base_model.endswith("models/base")
 
 
+def test_example_label_free_search_config_is_valid():
+    """examples/evolve-label-free.yml parses; its prompts are keyed by the resolved models."""
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "evolve-label-free.yml"
+    cfg = load_config(example)
+    (task,) = cfg.evaluation.tasks
+    assert task.type == "agreement" and not task.has_test
+    assert sorted(task.prompts) == sorted(cfg.models)
+    assert all(Path(p).is_file() for p in task.prompts.values())
+
+
 def test_python_kwargs_are_checked_against_the_function(tmp_path, good):
     (tmp_path / "scorers_kw.py").write_text(
         "def score(model, tokenizer, task, n=3):\n    return 0.0\n"
@@ -233,6 +245,10 @@ def test_new_keys_keep_old_fingerprints(tmp_path, good):
                         "rescore_data",
                         "rescore_kwargs",
                         "examples",
+                        "prompts",  # agreement's keys
+                        "top_k",
+                        "cache_max_gb",
+                        "cache_dtype",
                     }
                 }
             },

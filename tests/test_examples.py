@@ -71,6 +71,7 @@ def test_examples_document_every_parameter_and_default():
     for words in ("pcb_ratio: 0.1", "clamp_ratio: 1e-4", "lambda: 1.0", "weight: 1.0"):
         assert words in text
     assert sorted(p.name for p in EXAMPLES.glob("*.yml")) == [
+        "evolve-label-free.yml",  # a search config too (test_evolve_config.py)
         "evolve.yml",  # a search config, not a merge config: tests/test_evolve_config.py
         "inspect.yml",  # the demo models' config for mergekit-pcb inspect: tests/test_inspect.py
         "pcb-gradient.yml",
@@ -156,12 +157,21 @@ def test_every_relative_path_example_runs_from_the_repository_root(tmp_path):
     stand_in_models(root / "examples" / "models")
     relative = {c for c in commands if local_references(root / yml_of(c), root)}
     ymls = {yml_of(command) for command in relative}
-    assert {"examples/inspect.yml", "examples/evolve.yml"} <= ymls, commands
+    assert {
+        "examples/inspect.yml",
+        "examples/evolve.yml",
+        "examples/evolve-label-free.yml",
+    } <= ymls, commands
     # mergekit-yaml reads a merge config by the same rule as mergekit-pcb merge.
     relative.add(("mergekit-yaml", "examples/inspect.yml", "out/plain"))
     for command in sorted(relative):
         result = run_tool(*command, cwd=root, timeout=600)
         assert result.returncode == 0, f"{' '.join(command)}\n{result.stderr[-3000:]}"
         assert "Traceback" not in result.stderr
-    for done in ("out/inspect/report.html", "out/evolve/best.yml", "out/plain/config.json"):
+    for done in (
+        "out/inspect/report.html",
+        "out/evolve/best.yml",
+        "out/evolve-label-free/best.yml",
+        "out/plain/config.json",
+    ):
         assert (root / done).exists(), done

@@ -9,8 +9,10 @@ The search runs six steps (:mod:`.search` drives them, in this order):
    :mod:`.layout` (mergekit's plan, ``best.yml``'s config), :mod:`.fidelity`
    (:class:`~.fidelity.Schedule`, :class:`~.fidelity.Budget`).
 2. **Cache.** Once per tensor, the few numbers a merge needs that do not depend on
-   the searched values (clip bounds, max B, the cut at every ``pcb_ratio`` level).
-   :mod:`.cache`, :mod:`.inputs` (the memory-mapped inputs).
+   the searched values (clip bounds, max B, the cut at every ``pcb_ratio`` level);
+   for a label-free ``agreement`` task, once per expert, its top-k next-token
+   outputs on its own prompts (on disk, bounded, reused while the expert is unchanged).
+   :mod:`.cache`, :mod:`.inputs` (the memory-mapped inputs), :mod:`.agreement`.
 3. **Propose.** An optimizer behind one ask/tell interface proposes a round of points
    in the unit cube; PCB's defaults, ``optimizer.start`` and the sweep come first.
    :mod:`.optimizers` (the interface; :mod:`.optimizers.cmaes`, :mod:`.optimizers.samplers`
@@ -21,8 +23,8 @@ The search runs six steps (:mod:`.search` drives them, in this order):
    candidate) and score it on a slice of every task: the first examples of the
    search split that the schedule gives its rung.
    :mod:`.candidate` (:class:`~.candidate.ModelWriter`), :mod:`.evaluator`,
-   :mod:`.tasks` (the scorers), :mod:`.objective`, :mod:`.pool` and :mod:`.ray_pool`
-   (in this process or on Ray actors).
+   :mod:`.tasks` (the scorers; :mod:`.agreement`'s KL to the experts), :mod:`.objective`,
+   :mod:`.pool` and :mod:`.ray_pool` (in this process or on Ray actors).
 5. **Promote.** Within a round, the best ``1/eta`` on one slice go on to the next,
    larger one (synchronous successive halving); only scores on the same slice are
    compared, and the result is the best on the whole split.

@@ -151,8 +151,10 @@ class FixedParameters(_Strict):
         return CLAMP_RATIO.check(value)
 
 
-TaskType = Literal["loss", "exact_match", "choice", "lm_eval", "python"]
+TaskType = Literal["loss", "exact_match", "choice", "lm_eval", "python", "agreement"]
 NEEDS_DATA = ("loss", "exact_match", "choice")
+# Keys of the label-free agreement task (:mod:`.agreement`) and nothing else.
+AGREEMENT_KEYS = ("prompts", "top_k", "cache_max_gb", "cache_dtype")
 # Normalisation floors: a default score of 0 accuracy must not blow up the scale.
 DEFAULT_SCALE_FLOOR = {
     "loss": 1e-6,
@@ -160,6 +162,7 @@ DEFAULT_SCALE_FLOOR = {
     "choice": 0.05,
     "lm_eval": 0.05,
     "python": 1e-6,
+    "agreement": 1e-6,  # a mean KL in nats per token, like a loss
 }
 
 
@@ -171,7 +174,8 @@ class TaskSpec(_Strict):
     weight: float = Field(default=1.0, gt=0)
     batch_size: int = Field(default=32, ge=1)
     limit: int | None = Field(default=None, ge=1)
-    max_new_tokens: int | None = Field(default=None, ge=1)
+    # exact_match: the generation's length; agreement: each expert's continuation (0: none)
+    max_new_tokens: int | None = Field(default=None, ge=0)
     function: str | None = None
     test_function: str | None = None
     kwargs: dict[str, Any] = Field(default_factory=dict)
@@ -188,10 +192,27 @@ class TaskSpec(_Strict):
     metric: str | None = None
     higher_is_better: bool | None = None
     scale_floor: float | None = Field(default=None, gt=0)
+    # agreement (label-free, :mod:`.agreement`): {model as in models: prompts JSONL}, the
+    # expert's top-k kept per token, the bound on the cached outputs, their value dtype.
+    # None: unset (the defaults live in .agreement; unset keys keep old fingerprints).
+    prompts: dict[str, str] | None = None
+    top_k: int | None = Field(default=None, ge=1)
+    cache_max_gb: float | None = Field(default=None, gt=0)
+    cache_dtype: Literal["float32", "float16"] | None = None
 
     @model_validator(mode="after")
     def _fields_for_type(self) -> TaskSpec:
         t = self.type
+        if t == "agreement":
+            self._agreement_fields()
+        elif self.max_new_tokens == 0:
+            raise ValueError(
+                f"task '{self.name}': max_new_tokens: 0 is only for type agreement (no "
+                "continuation); allowed here: >= 1"
+            )
+        elif any(getattr(self, key) is not None for key in AGREEMENT_KEYS):
+            given = next(key for key in AGREEMENT_KEYS if getattr(self, key) is not None)
+            raise ValueError(f"task '{self.name}': '{given}' is only for type agreement")
         if t in NEEDS_DATA and not self.data:
             raise ValueError(f"task '{self.name}' of type {t} needs 'data' (a JSONL file)")
         if t == "python" and not self.function:
@@ -227,10 +248,25 @@ class TaskSpec(_Strict):
             )
         return self
 
+    def _agreement_fields(self) -> None:
+        """What an agreement task takes: prompts per expert instead of data and labels."""
+        if not self.prompts:
+            raise ValueError(
+                f"task '{self.name}' of type agreement needs 'prompts: {{model: prompts.jsonl}}' "
+                '(one JSONL of {"text": ...} lines for each model in models)'
+            )
+        for key in ("data", "test_data", "limit", "higher_is_better"):
+            if getattr(self, key) is not None:
+                raise ValueError(
+                    f"task '{self.name}': '{key}' is not for type agreement (it reads "
+                    "'prompts'; lower KL is better; every prompt is scored)"
+                )
+
     @property
     def sign(self) -> float:
-        """+1 where higher is better; loss scores enter the objective flipped."""
-        if self.type == "loss":
+        """+1 where higher is better; loss scores (and agreement's KL) enter the objective
+        flipped."""
+        if self.type in ("loss", "agreement"):
             return -1.0
         return 1.0 if self.higher_is_better in (None, True) else -1.0
 
@@ -422,6 +458,29 @@ class EvolveConfig(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _prompts_name_models(self) -> EvolveConfig:
+        """An agreement task's prompts are keyed by the models exactly as ``models:`` names
+        them (before paths resolve): every model has prompts, and no key is a stranger."""
+        for task in self.evaluation.tasks:
+            if task.type != "agreement":
+                continue
+            for key in task.prompts:
+                if key not in self.models:
+                    role = " (the base_model)" if key == self.base_model else ""
+                    raise ValueError(
+                        f"task '{task.name}': prompts: '{key}'{role} is not one of models"
+                        f"{did_you_mean(key, self.models)} (allowed: {', '.join(self.models)})"
+                    )
+            missing = [m for m in self.models if m not in task.prompts]
+            if missing:
+                raise ValueError(
+                    f"task '{task.name}': prompts: no prompts for model '{missing[0]}'; give "
+                    "every model in models a JSONL file (the candidate is compared with each "
+                    "expert on its own prompts)"
+                )
+        return self
+
+    @model_validator(mode="after")
     def _optimizer_fits(self) -> EvolveConfig:
         opt = self.optimizer
         if opt.budget is not None and opt.budget_examples is not None:
@@ -479,6 +538,11 @@ class EvolveConfig(_Strict):
                 )
             for task in self.evaluation.tasks:
                 if task.rescore_split is None:
+                    if task.type == "agreement":
+                        raise ValueError(
+                            f"optimizer.rescore: task '{task.name}' (agreement) has no rescore "
+                            "split (not built); leave optimizer.rescore out"
+                        )
                     how = (
                         "rescore_kwargs (the function's keyword arguments for more data)"
                         if task.type == "python"
@@ -554,6 +618,7 @@ class EvolveConfig(_Strict):
                     ("rescore_data", None),
                     ("rescore_kwargs", None),
                     ("examples", None),
+                    *((key, None) for key in AGREEMENT_KEYS),
                 )
             ),
         ):
@@ -625,6 +690,17 @@ def load_config(path: os.PathLike, *, check_data: bool = True) -> EvolveConfig:
                         f"(relative paths are read from the YAML's folder {root})"
                     )
                 update[key] = str(resolved)
+        if task.prompts:  # keyed by the resolved model, as models: resolves
+            prompts = {}
+            for model, value in task.prompts.items():
+                resolved = Path(_resolve(value, root))
+                if not resolved.is_file():
+                    raise EvolveConfigError(
+                        f"task '{task.name}': prompts['{model}'] file '{value}' does not exist "
+                        f"(relative paths are read from the YAML's folder {root})"
+                    )
+                prompts[_resolve(model, root)] = str(resolved)
+            update["prompts"] = prompts
         tasks.append(task.model_copy(update=update))
     cfg = cfg.model_copy(
         update={
@@ -742,6 +818,12 @@ def check_task(task: TaskSpec, root: Path, *, sliced: bool = False) -> None:
                     read_jsonl(getattr(task, key), task.type)
                 except DataError as exc:
                     raise EvolveConfigError(f"task '{task.name}': {exc}") from None
+    elif task.type == "agreement":
+        for model, path in task.prompts.items():
+            try:
+                read_jsonl(path, "agreement")
+            except DataError as exc:
+                raise EvolveConfigError(f"task '{task.name}': prompts['{model}']: {exc}") from None
     elif task.type == "python":
         extra = {"limit": 1} if sliced else {}
         _check_call(task, task.function, {**task.call_kwargs("search"), **extra}, root)

@@ -15,9 +15,9 @@ class DataError(ValueError):
 def _check(row: object, kind: str, where: str) -> dict:
     if not isinstance(row, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
-    if kind == "loss":
+    if kind in ("loss", "agreement"):
         if not isinstance(row.get("text"), str) or not row["text"]:
-            raise DataError(f'{where}: type loss needs a non-empty string field "text"')
+            raise DataError(f'{where}: type {kind} needs a non-empty string field "text"')
     elif kind == "exact_match":
         for key in ("prompt", "answer"):
             if not isinstance(row.get(key), str):

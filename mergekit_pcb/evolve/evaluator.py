@@ -92,8 +92,10 @@ class Evaluator:
         cache: TensorCache,
         root: Path | None = None,
         gpu_memory_gb: float | None = None,
+        outputs: Mapping[str, Sequence[str]] | None = None,
     ):
         self.tasks = tuple(tasks)
+        self.outputs = outputs  # agreement tasks' cached expert outputs (.agreement)
         self.model, self.tokenizer = load_model(inputs, tasks=self.tasks)
         self.writer = ModelWriter(self.model, cache, gpu_memory_gb)
         self.root = root
@@ -103,7 +105,7 @@ class Evaluator:
         key = (task.name, split, limit)
         if key not in self._scorers:
             self._scorers[key] = make_scorer(
-                task, split, self.model, self.tokenizer, self.root, limit
+                task, split, self.model, self.tokenizer, self.root, limit, self.outputs
             )
         return self._scorers[key]
 

@@ -35,6 +35,7 @@ class _Actor:
         key: str,
         root: str | None,
         threads: int,
+        outputs: dict | None = None,
     ):
         import torch
 
@@ -47,7 +48,7 @@ class _Actor:
             raise RuntimeError(f"Ray actor: no complete statistics cache at {cache_root}")
         specs = [TaskSpec.model_validate(t) for t in tasks]
         self.evaluator = Evaluator(
-            inputs, specs, cache, Path(root) if root else None, gpu_memory_gb
+            inputs, specs, cache, Path(root) if root else None, gpu_memory_gb, outputs
         )
 
     def evaluate(self, values: dict, split: str, limits: dict | None):
@@ -68,6 +69,7 @@ class RayPool:
         num_cpus: int | None,
         actors: int | None,
         threads_per_actor: int = 1,
+        outputs: Mapping[str, Sequence[str]] | None = None,
     ):
         ray = _ray()
         self._started = not ray.is_initialized()
@@ -88,6 +90,7 @@ class RayPool:
                 key,
                 str(root) if root else None,
                 threads_per_actor,
+                {k: list(v) for k, v in outputs.items()} if outputs else None,
             )
             for _ in range(count)
         ]

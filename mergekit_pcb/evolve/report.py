@@ -157,6 +157,21 @@ def _cost_line(report: dict) -> str:
     )
 
 
+def _expert_lines(report: dict) -> list[str]:
+    """Per agreement task, what its experts' outputs cost: computed now, or reused."""
+    lines = []
+    for name, cost in (report["cost"].get("expert_outputs") or {}).items():
+        if cost["status"] == "reused":
+            how = f"reused from the cache (computed in {cost['computed_seconds']:.1f} s)"
+        else:
+            how = f"{cost['status']} in {cost['seconds']:.1f} s"
+        lines.append(
+            f"expert outputs ({name}): {cost['prompts']:,} prompts, {cost['tokens']:,} tokens, "
+            f"{cost['bytes'] / 1e6:.1f} MB, {how}"
+        )
+    return lines
+
+
 def _number(x: float | None) -> str:
     return "n/a" if x is None or x != x else f"{x:.6g}"
 
@@ -215,6 +230,7 @@ def format_summary(report: dict, tasks: list, out: Path) -> str:
     names = ["best.yml", "report.json", "history.jsonl", "progress.png", "model"]
     found = [name + ("/" if name == "model" else "") for name in names if (out / name).exists()]
     lines.append(_cost_line(report))
+    lines += _expert_lines(report)
     lines.append(
         f"best of {report['candidates']} candidates (the default included): "
         f"{out / 'best.yml'}; files in {out}: {', '.join(found)}"

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mergekit_pcb.evolve import auto_start, optimizers
+from mergekit_pcb.evolve import agreement, auto_start, optimizers
 from mergekit_pcb.evolve import layout as layout_mod
 from mergekit_pcb.evolve.cache import build as build_cache
 from mergekit_pcb.evolve.cache import fingerprint as cache_fingerprint
@@ -66,6 +66,7 @@ class Clock:
 
     start: float = field(default_factory=time.perf_counter)
     statistics: float = 0.0
+    expert_outputs: float = 0.0  # agreement tasks: the experts' forward passes (.agreement)
     scoring: float = 0.0
     merging: float = 0.0
 
@@ -78,6 +79,7 @@ class Clock:
         return {
             "wall_seconds": wall,
             "statistics_seconds": self.statistics,
+            "expert_outputs_seconds": self.expert_outputs,
             "scoring_seconds": self.scoring,
             "merge_seconds": self.merging,
             "overhead_seconds": wall - self.scoring,
@@ -162,7 +164,8 @@ def run_search(cfg: EvolveConfig, out: Path, opts: RunOptions) -> dict:
     # is touched.
     check_inputs(cfg, opts.root, device=not opts.ray_address)
     inputs, tasks, opt = cfg.inputs, tuple(cfg.evaluation.tasks), cfg.optimizer
-    load_tokenizer(inputs, tasks)
+    tokenizer = load_tokenizer(inputs, tasks)
+    agreement.check_plan(tasks, inputs, tokenizer)
     layout = layout_mod.build_layout(inputs, cfg.search.layer_groups)
     planned, groups = layout_mod.tensor_groups(inputs, layout)
     genome = Genome.of(cfg.search, len(inputs.models), layout.groups)
@@ -207,6 +210,11 @@ def run_search(cfg: EvolveConfig, out: Path, opts: RunOptions) -> dict:
     clock.statistics = time.perf_counter() - t0
     LOG.info("took the statistics of %d tensors in %.1f s", len(planned), clock.statistics)
     del planned
+    # Agreement tasks: each expert's outputs on its prompts, once (reused when cached).
+    prompts = agreement.total_prompts(tasks)  # no bar without an agreement task
+    with _bar(prompts, 0, "expert outputs", opts.progress and prompts > 0, "prompt") as bar:
+        outputs = agreement.build(tasks, inputs, tokenizer, cache_dir, bar.update)
+    clock.expert_outputs = outputs.seconds
 
     if opts.ray:
         from mergekit_pcb.evolve.ray_pool import RayPool
@@ -221,19 +229,22 @@ def run_search(cfg: EvolveConfig, out: Path, opts: RunOptions) -> dict:
             address=opts.ray_address,
             num_cpus=opts.ray_num_cpus,
             actors=opts.ray_actors,
+            outputs=outputs.entries,
         )
     else:
         from mergekit_pcb.evolve.evaluator import Evaluator
         from mergekit_pcb.evolve.pool import LocalPool
 
-        pool = LocalPool(Evaluator(inputs, tasks, cache, opts.root, cfg.cache.gpu_memory_gb))
+        pool = LocalPool(
+            Evaluator(inputs, tasks, cache, opts.root, cfg.cache.gpu_memory_gb, outputs.entries)
+        )
     try:
         default = layout_mod.default_values(inputs, layout.groups)
         opt = auto_start.resolve(opt, cfg.search, cache, start_values(opt, default))
         search = _Search(opt, cfg.search, tasks, genome, schedule, budget, history, pool, clock)
         search.run(default, opts.progress)
         # 6. Report.
-        return _finish(cfg, out, opts, search, layout, groups, cache.names)
+        return _finish(cfg, out, opts, search, layout, groups, cache.names, outputs.cost)
     finally:
         pool.close()
 
@@ -557,7 +568,7 @@ def cost_of(history: History, top: int) -> dict:
     }
 
 
-def _finish(cfg, out, opts, search: _Search, layout, groups, names) -> dict:
+def _finish(cfg, out, opts, search: _Search, layout, groups, names, expert_outputs) -> dict:
     from mergekit_pcb.evolve.layout import check_reproduces, merge_config
 
     history, top = search.history, search.schedule.top
@@ -618,6 +629,8 @@ def _finish(cfg, out, opts, search: _Search, layout, groups, names) -> dict:
             "search": {k: v for k, v in cost.items() if k != "per_candidate"},
             "rescore_examples": rescored["examples"] if rescored else None,
             "test_examples": test_examples,
+            # agreement tasks: the experts' outputs (computed once, or reused from the cache)
+            "expert_outputs": expert_outputs,
             **search.clock.summary(),
         },
         "per_candidate": cost["per_candidate"],

@@ -11,7 +11,7 @@ task returns) and how many examples it took (the search's currency; None where a
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -208,12 +208,24 @@ def lm_eval_scorer(spec: TaskSpec, tokenizer, model, limit: int | None) -> Score
 
 
 def make_scorer(
-    spec: TaskSpec, split: str, model, tokenizer, root: Path | None, limit: int | None = None
+    spec: TaskSpec,
+    split: str,
+    model,
+    tokenizer,
+    root: Path | None,
+    limit: int | None = None,
+    outputs: Mapping[str, Sequence[str]] | None = None,
 ) -> Scorer:
     """The scorer of ``spec`` on ``split``: 'search', 'test' or 'rescore' (``rescore_data``,
     else the whole ``data`` file: ``limit`` applies to the search split only). ``limit``
     (search split only): its first ``limit`` examples, a fidelity slice; a ``python``
-    task's function gets it as ``limit=``."""
+    task's function gets it as ``limit=``. ``outputs``: where each ``agreement`` task's
+    cached expert outputs are (:func:`.agreement.build`), one folder per expert."""
+    if spec.type == "agreement":  # the search split only: it has no test or rescore split
+        from mergekit_pcb.evolve.agreement import scorer_for
+
+        scorer = scorer_for(spec, outputs, tokenizer, limit)
+        return lambda m: Scored(*scorer(m))
     if spec.type == "python":
         fn = import_target(spec.test_function if split == "test" else spec.function, root)
         kwargs = spec.call_kwargs(split)
@@ -252,6 +264,10 @@ def search_size(spec: TaskSpec) -> tuple[int | None, int]:
         return spec.examples, 1
     if spec.type == "lm_eval":
         return spec.limit, len(spec.lm_eval_tasks)
+    if spec.type == "agreement":  # every expert's prompts, one example each
+        from mergekit_pcb.evolve.agreement import search_size as prompts
+
+        return prompts(spec), 1
     rows = read_jsonl(spec.data, spec.type)
     return len(rows[: spec.limit] if spec.limit else rows), 1
 
