@@ -66,3 +66,24 @@ def test_readme_says_what_building_the_example_models_costs():
     assert lines
     for line in lines:
         assert re.search(r"#.*(\d+ ?s\b|minute)", line), line
+
+
+def test_readme_quality_tables_are_the_benchmark_s_own():
+    """The README's quality table and paired differences are what
+    ``benchmarks/quality_tables.py`` makes of the three committed results.json: a
+    rerun regime cannot leave stale numbers behind (they did, before the generator)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "quality_tables", ROOT / "benchmarks" / "quality_tables.py"
+    )
+    tables = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tables)
+    results = tables._load()
+    assert tables.table(results) in README
+    assert tables.differences(results) in README
+    # A cell is the number in results.json: pcb on lora, mean and std in points.
+    pcb = results["lora"]["methods"]["pcb"]
+    cell = f"{100 * pcb['normalized_mean']:.1f} ± {100 * pcb['normalized_std']:.1f}"
+    row = next(line for line in README.splitlines() if line.startswith("| pcb | "))
+    assert row.split(" | ")[3].startswith(cell)
