@@ -108,17 +108,23 @@ def test_recomputed_matrix_and_weights_match_reference(monkeypatch, small_chunks
     assert_close_to_reference(again, expected)
 
 
-def test_recomputed_holds_no_n_by_d_buffer(monkeypatch, small_chunks):
-    """The point of the path: every scratch it asks for is a chunk's, not the tensor's."""
-    asked = []
+@pytest.fixture
+def asked(monkeypatch):
+    """Every (role, numel) of runtime.buffer, with every tensor on the recomputed path."""
+    found = []
     original = runtime.buffer
 
     def spy(role, numel, dtype, device):
-        asked.append((role, numel))
+        found.append((role, numel))
         return original(role, numel, dtype, device)
 
     monkeypatch.setattr(runtime, "buffer", spy)
     monkeypatch.setattr(streamed, "STORED_SCORES_BYTES", 0)
+    return found
+
+
+def test_recomputed_holds_no_n_by_d_buffer(asked, small_chunks):
+    """The point of the path: every scratch it asks for is a chunk's, not the tensor's."""
     base, experts = family(D, 3, seed=5, dtype=torch.bfloat16)
     merge(base, experts, pcb_ratio=0.2)
     assert asked
@@ -282,19 +288,10 @@ def test_auto_recomputed_equals_stored_bit_for_bit(
     assert not torch.equal(first, base)
 
 
-def test_auto_recomputed_holds_no_n_by_d_buffer(monkeypatch, small_chunks):
+def test_auto_recomputed_holds_no_n_by_d_buffer(asked, small_chunks):
     """Both autos on the large-tensor path: chunk scratch only (m included)."""
     from mergekit_pcb import kernel
 
-    asked = []
-    original = runtime.buffer
-
-    def spy(role, numel, dtype, device):
-        asked.append((role, numel))
-        return original(role, numel, dtype, device)
-
-    monkeypatch.setattr(runtime, "buffer", spy)
-    monkeypatch.setattr(streamed, "STORED_SCORES_BYTES", 0)
     base, experts = family(D, 3, seed=5, dtype=torch.bfloat16)
     kernel.merge_streamed(
         base, experts, [1.0] * 3, pcb_ratio="auto", clamp_ratio=1e-4, scale="auto"

@@ -23,7 +23,8 @@ The search runs six steps (:mod:`.search` drives them, in this order):
    candidate) and score it on a slice of every task: the first examples of the
    search split that the schedule gives its rung.
    :mod:`.candidate` (:class:`~.candidate.ModelWriter`), :mod:`.evaluator`,
-   :mod:`.tasks` (the scorers; :mod:`.agreement`'s KL to the experts), :mod:`.objective`,
+   :mod:`.tasks` (the scorers; :mod:`.agreement`'s KL to the experts; :mod:`.tokens`, what
+   both share), :mod:`.objective`,
    :mod:`.pool` and :mod:`.ray_pool` (in this process or on Ray actors).
 5. **Promote.** Within a round, the best ``1/eta`` on one slice go on to the next,
    larger one (synchronous successive halving); only scores on the same slice are

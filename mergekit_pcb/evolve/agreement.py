@@ -70,6 +70,10 @@ import torch
 
 from mergekit_pcb.evolve.config import EvolveConfigError, MergeInputs, TaskSpec
 from mergekit_pcb.evolve.data import read_jsonl
+from mergekit_pcb.evolve.tokens import device_of as _device
+from mergekit_pcb.evolve.tokens import ids as _ids
+from mergekit_pcb.evolve.tokens import pad as pad_rows
+from mergekit_pcb.evolve.tokens import pad_id as _pad_id
 
 DEFAULT_TOP_K = 32
 DEFAULT_MAX_NEW_TOKENS = 32
@@ -133,7 +137,6 @@ def search_size(spec: TaskSpec) -> int:
 def encode(tokenizer, texts: Sequence[str]) -> list[list[int]]:
     """Token ids as every task gets them (BOS in front), at least two tokens each where
     the prompt's own tokens are scored."""
-    from mergekit_pcb.evolve.tasks import _ids
 
     return [_ids(tokenizer, text, bos=True) for text in texts]
 
@@ -222,7 +225,6 @@ def entry_key(
 
 
 def _pad(rows: Sequence[Sequence[int]], pad: int, *, left: bool = False):
-    from mergekit_pcb.evolve.tasks import _pad as pad_rows
 
     return pad_rows([list(r) for r in rows], pad, left=left)
 
@@ -230,7 +232,6 @@ def _pad(rows: Sequence[Sequence[int]], pad: int, *, left: bool = False):
 @torch.no_grad()
 def continue_greedily(model, tokenizer, ids, max_new_tokens: int, batch_size: int):
     """Each prompt followed by the model's greedy continuation, cut after its end token."""
-    from mergekit_pcb.evolve.tasks import _device, _pad_id
 
     pad, eos = _pad_id(tokenizer), tokenizer.eos_token_id
     dev = _device(model)
@@ -261,7 +262,6 @@ def scored_positions(sequences, starts) -> list[tuple[int, int]]:
 def log_probs(model, sequences, starts, batch_size: int, pad: int):
     """Yields, per batch of sequences, the float32 log-probabilities at their scored
     positions, concatenated in order ([scored tokens of the batch, vocabulary])."""
-    from mergekit_pcb.evolve.tasks import _device
 
     dev = _device(model)
     for first in range(0, len(sequences), batch_size):
@@ -341,8 +341,6 @@ def build_expert(
     from mergekit.common import dtype_from_name
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
-
-    from mergekit_pcb.evolve.tasks import _pad_id
 
     stamp = model_stamp(model_path)
     key = entry_key(model_path, stamp, ids, settings, inputs.dtype)
@@ -509,7 +507,6 @@ def agreement_scorer(
 ) -> Callable[[object], tuple[float, int]]:
     """``scorer(model) -> (mean over experts of the mean KL per scored token, prompts)``
     on the first ``limit`` prompts of the round-robin order (all when None)."""
-    from mergekit_pcb.evolve.tasks import _pad_id
 
     outputs = [load(e) for e in entries]
     taken = interleave([len(o.sequences) for o in outputs], limit)

@@ -19,6 +19,10 @@ import torch
 
 from mergekit_pcb.evolve.config import TaskSpec, import_target
 from mergekit_pcb.evolve.data import read_jsonl
+from mergekit_pcb.evolve.tokens import device_of as _device
+from mergekit_pcb.evolve.tokens import ids as _ids
+from mergekit_pcb.evolve.tokens import pad as _pad
+from mergekit_pcb.evolve.tokens import pad_id as _pad_id
 
 
 class Scored(NamedTuple):
@@ -27,37 +31,6 @@ class Scored(NamedTuple):
 
 
 Scorer = Callable[[object], Scored]  # what make_scorer returns
-
-
-def _ids(tokenizer, text: str, *, bos: bool) -> list[int]:
-    """Token ids with BOS in front when the tokenizer has one and does not add it itself."""
-    ids = list(tokenizer(text, add_special_tokens=True)["input_ids"])
-    b = tokenizer.bos_token_id
-    if bos and b is not None and (not ids or ids[0] != b):
-        ids = [b, *ids]
-    return ids
-
-
-def _pad(rows: list[list[int]], pad: int, *, left: bool = False):
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        sl = slice(width - len(r), width) if left else slice(0, len(r))
-        ids[i, sl] = torch.tensor(r, dtype=torch.long)
-        mask[i, sl] = 1
-    return ids, mask
-
-
-def _device(model) -> torch.device:
-    return next(model.parameters()).device
-
-
-def _pad_id(tokenizer) -> int:
-    for t in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
-        if t is not None:
-            return t
-    return 0
 
 
 def loss_scorer(rows, tokenizer, batch_size: int) -> Scorer:
