@@ -71,6 +71,7 @@ import torch
 from mergekit_pcb.evolve.config import EvolveConfigError, MergeInputs, TaskSpec
 from mergekit_pcb.evolve.data import read_jsonl
 from mergekit_pcb.evolve.tokens import device_of as _device
+from mergekit_pcb.evolve.tokens import greedy
 from mergekit_pcb.evolve.tokens import ids as _ids
 from mergekit_pcb.evolve.tokens import pad as pad_rows
 from mergekit_pcb.evolve.tokens import pad_id as _pad_id
@@ -225,33 +226,15 @@ def entry_key(
 
 
 def _pad(rows: Sequence[Sequence[int]], pad: int, *, left: bool = False):
-
     return pad_rows([list(r) for r in rows], pad, left=left)
 
 
 @torch.no_grad()
 def continue_greedily(model, tokenizer, ids, max_new_tokens: int, batch_size: int):
     """Each prompt followed by the model's greedy continuation, cut after its end token."""
-
     pad, eos = _pad_id(tokenizer), tokenizer.eos_token_id
-    dev = _device(model)
-    out = []
-    for start in range(0, len(ids), batch_size):
-        chunk = ids[start : start + batch_size]
-        batch, mask = _pad(chunk, pad, left=True)
-        generated = model.generate(
-            input_ids=batch.to(dev),
-            attention_mask=mask.to(dev),
-            do_sample=False,
-            max_new_tokens=max_new_tokens,
-            pad_token_id=pad,
-            eos_token_id=eos,
-        )[:, batch.shape[1] :].tolist()
-        for prompt, new in zip(chunk, generated, strict=True):
-            if eos is not None and eos in new:
-                new = new[: new.index(eos) + 1]
-            out.append([*prompt, *new])
-    return out
+    generated = greedy(model, ids, pad, eos, max_new_tokens, batch_size)
+    return [[*prompt, *new] for prompt, new in zip(ids, generated, strict=True)]
 
 
 def scored_positions(sequences, starts) -> list[tuple[int, int]]:

@@ -20,6 +20,7 @@ import torch
 from mergekit_pcb.evolve.config import TaskSpec, import_target
 from mergekit_pcb.evolve.data import read_jsonl
 from mergekit_pcb.evolve.tokens import device_of as _device
+from mergekit_pcb.evolve.tokens import greedy
 from mergekit_pcb.evolve.tokens import ids as _ids
 from mergekit_pcb.evolve.tokens import pad as _pad
 from mergekit_pcb.evolve.tokens import pad_id as _pad_id
@@ -77,22 +78,12 @@ def exact_match_scorer(rows, tokenizer, batch_size: int, max_new_tokens: int | N
     @torch.no_grad()
     def score(model) -> float:
         hits = 0
-        dev = _device(model)
-        for start in range(0, len(prompts), batch_size):
-            ids, mask = _pad(prompts[start : start + batch_size], pad, left=True)
-            out = model.generate(
-                input_ids=ids.to(dev),
-                attention_mask=mask.to(dev),
-                do_sample=False,
-                max_new_tokens=max_new_tokens,
-                pad_token_id=pad,
-                eos_token_id=eos,
-            )[:, ids.shape[1] :]
-            for row, answer in zip(out.tolist(), answers[start : start + batch_size], strict=True):
-                if eos is not None and eos in row:
-                    row = row[: row.index(eos)]
-                text = tokenizer.decode(row, skip_special_tokens=True).strip()
-                hits += text == answer
+        rows = greedy(model, prompts, pad, eos, max_new_tokens, batch_size)
+        for row, answer in zip(rows, answers, strict=True):
+            if eos is not None and eos in row:
+                row = row[: row.index(eos)]
+            text = tokenizer.decode(row, skip_special_tokens=True).strip()
+            hits += text == answer
         return hits / len(prompts)
 
     return score

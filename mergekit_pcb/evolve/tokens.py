@@ -36,3 +36,27 @@ def pad_id(tokenizer) -> int:
         if t is not None:
             return t
     return 0
+
+
+def greedy(
+    model, prompts: list[list[int]], pad_token: int, eos, max_new_tokens: int, batch_size: int
+):
+    """Each prompt's greedy continuation (token ids, up to and with the first ``eos``), in
+    batches of left-padded prompts: what exact_match compares and agreement scores."""
+    dev = device_of(model)
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        batch, mask = pad(prompts[start : start + batch_size], pad_token, left=True)
+        generated = model.generate(
+            input_ids=batch.to(dev),
+            attention_mask=mask.to(dev),
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=pad_token,
+            eos_token_id=eos,
+        )[:, batch.shape[1] :].tolist()
+        out += [
+            row[: row.index(eos) + 1] if eos is not None and eos in row else row
+            for row in generated
+        ]
+    return out
