@@ -290,6 +290,16 @@ def test_buffers_reuse_small_ones_only(monkeypatch):
         big = runtime.buffer(runtime.Role.SCORES, 1000, torch.float32, cpu)
         again = runtime.buffer(runtime.Role.SCORES, 1000, torch.float32, cpu)
         assert big.data_ptr() != again.data_ptr()  # too big to hold: fresh each time
+        # The streamed path's stored B is kept up to its own, larger limit, and no further.
+        monkeypatch.setattr(runtime, "MAX_STORED_SCORES_BYTES", 8192)
+        kept = runtime.buffer(runtime.Role.STORED_SCORES, 2000, torch.float32, cpu)
+        assert runtime.buffer(runtime.Role.STORED_SCORES, 2000, torch.float32, cpu).data_ptr() == (
+            kept.data_ptr()
+        )
+        huge = runtime.buffer(runtime.Role.STORED_SCORES, 2049, torch.float32, cpu)
+        assert runtime.buffer(runtime.Role.STORED_SCORES, 2049, torch.float32, cpu).data_ptr() != (
+            huge.data_ptr()
+        )
 
     errors = []
     thread = threading.Thread(target=lambda: _record(run, errors))

@@ -16,6 +16,8 @@ allocation that large is served by ``mmap``, and every 4 KiB page then faults on
 first touch; reusing one buffer per :class:`Role` and thread avoids that. Only
 buffers up to :data:`MAX_BUFFER_BYTES` are kept (layer-sized tensors, merged by the
 hundred): holding the embedding-sized ones would raise the merge's peak memory.
+One role may keep more: the streamed path's stored B (:data:`MAX_STORED_SCORES_BYTES`),
+which a merge fills and reads for most layer tensors of a 3B-8B model.
 mergekit's executors merge one tensor per thread at a time, so a role's holder is
 always done with it before the next tensor. On CUDA torch's caching allocator
 already reuses memory, so a buffer there is a plain allocation.
@@ -38,6 +40,10 @@ R = TypeVar("R")
 # A thread's least share of a tensor, in chunks (see the module).
 MIN_CHUNKS_PER_THREAD = 2
 MAX_BUFFER_BYTES = 64 << 20
+# The stored B of :mod:`.streamed` is kept up to this (a 3B model's MLP: 302 MB; every
+# tensor of Llama-3-70B but k/v recomputes B instead): one fixed cost per merge, where
+# making B again in two more passes costs a 3B merge 16% of its time.
+MAX_STORED_SCORES_BYTES = 512 << 20
 CHUNK_ELEMENTS = 1 << 19  # elements of one chunk of an n x d matrix (all rows), on CPU
 # On a GPU a chunk is a few large kernels, not a cache-sized piece: big enough that
 # launches are few, small enough that a chunk's temporaries stay a fraction of tau.
@@ -80,6 +86,7 @@ class Role(Enum):
     TASK_VECTORS = "task vectors"  # tau, n x d
     TASK_VECTORS_BASE = "task vectors base"  # a chunk of the base in the compute dtype
     SCORES = "scores"  # B, n x d
+    STORED_SCORES = "stored scores"  # B, n x d, of the streamed path (kept larger)
     MAGNITUDE = "|tau|"  # a chunk of |tau|; also tanh's square before that
     COLUMN_TOTAL = "column total"  # a chunk's sum of tau over the models
     POLYNOMIAL = "tanh polynomial"
@@ -106,7 +113,8 @@ _local = threading.local()
 def buffer(role: Role, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A flat tensor of ``numel`` elements, reused by every call with the same role on
     this thread. The contents are garbage; the previous holder must be done with it."""
-    too_big = numel * dtype.itemsize > MAX_BUFFER_BYTES
+    kept = MAX_STORED_SCORES_BYTES if role is Role.STORED_SCORES else MAX_BUFFER_BYTES
+    too_big = numel * dtype.itemsize > kept
     if too_big or torch.device(device).type != "cpu":
         return torch.empty(numel, dtype=dtype, device=device)
     store: dict = _local.__dict__.setdefault("buffers", {})

@@ -34,10 +34,11 @@ _INFINITY_BITS = 0x7F800000
 
 # B is stored (one pass makes it, two read it) while its n x d float32 bytes stay
 # within this; a larger tensor's B is made again in each pass that reads it
-# (:mod:`.recomputed`: the same floats, no n x d buffer). The limit is the reusable
-# buffers' (runtime.MAX_BUFFER_BYTES): a B above it would be a fresh allocation per
-# tensor, whose page faults cost about what making B again does.
-STORED_SCORES_BYTES = runtime.MAX_BUFFER_BYTES
+# (:mod:`.recomputed`: the same floats, no n x d buffer). The limit is the one buffer
+# the runtime keeps that large (runtime.MAX_STORED_SCORES_BYTES): a B above it would
+# be a fresh allocation per tensor, whose page faults cost about what making B again
+# does, and a bounded one costs a fixed 512 MiB at most, whatever the model's size.
+STORED_SCORES_BYTES = runtime.MAX_STORED_SCORES_BYTES
 
 
 class Source(NamedTuple):
@@ -119,7 +120,7 @@ def merge(
             on_scale, on_ratio,
         )  # fmt: skip
     columns = column_chunks(n, d)
-    score = runtime.buffer(Role.SCORES, n * d, torch.float32, "cpu").view(n, d)
+    score = runtime.buffer(Role.STORED_SCORES, n * d, torch.float32, "cpu").view(n, d)
     cut = selection.RowSelection(n, d, torch.float32, [cut_index(d, r) for r in ratios])
     clip = (bounds.low.contiguous(), bounds.high.contiguous())
     rows = (*clip, safe_span(*clip))
