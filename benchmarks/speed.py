@@ -33,6 +33,7 @@ import click
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _cgroup import MemoryCap
 from _models import build_family, family_options, family_spec, parameter_count
 
 METHODS: dict[str, dict] = {
@@ -134,6 +135,7 @@ def run_once(
     extra: list[str],
     rss_cap: int | None = None,
     time_cap: float | None = None,
+    memory_cap: MemoryCap | None = None,
 ) -> Sample:
     exe = shutil.which("mergekit-yaml") or str(Path(sys.executable).parent / "mergekit-yaml")
     args = [str(config), str(out), "--no-copy-tokenizer", "--quiet", *extra]
@@ -144,7 +146,12 @@ def run_once(
         gpu_file.unlink(missing_ok=True)
         cmd = [sys.executable, "-c", _WITH_GPU_PEAK, str(gpu_file), *args]
     start = time.perf_counter()
-    process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    process = subprocess.Popen(
+        cmd,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        preexec_fn=memory_cap.enter if memory_cap else None,
+    )
     killed: list[bool] = []
     peak = [0]
     done = threading.Event()
@@ -184,7 +191,10 @@ def busy_loops(count: int) -> Iterator[None]:
 
 
 def table(
-    results: dict[str, list[Sample]], rss_cap: int | None = None, time_cap: float | None = None
+    results: dict[str, list[Sample]],
+    rss_cap: int | None = None,
+    time_cap: float | None = None,
+    memory_cap: int | None = None,
 ) -> str:
     failed = {m: v for m, v in results.items() if any(s.returncode for s in v)}
     results = {m: v for m, v in results.items() if m not in failed}
@@ -226,6 +236,11 @@ def table(
         elif bad.capped and rss_cap:
             why = (
                 f"killed at the anonymous-RSS cap of {rss_cap / 2**30:g} GiB "
+                f"(exit status {bad.returncode})"
+            )
+        elif memory_cap and bad.returncode == -signal.SIGKILL:
+            why = (
+                f"killed by the memory cap of {memory_cap / 2**30:g} GiB "
                 f"(exit status {bad.returncode})"
             )
         else:
@@ -272,6 +287,14 @@ def table(
     help="Kill a merge still running after this many seconds and record it as killed.",
 )
 @click.option(
+    "--memory-cap",
+    type=float,
+    default=None,
+    help="Run each merge in a memory cgroup of this many GiB (Linux, root): page cache "
+    "is reclaimed at the cap, anonymous memory is not, so a merge that completes fits "
+    "in that much free RAM; one that does not is recorded as killed.",
+)
+@click.option(
     "--out-shard-size",
     default=None,
     help="Pass --out-shard-size to mergekit-yaml: the output it holds before writing "
@@ -295,6 +318,7 @@ def main(
     methods: tuple[str, ...],
     rss_cap: float | None,
     time_cap: float | None,
+    memory_cap: float | None,
     out_shard_size: str | None,
     cache_dir: Path | None,
 ) -> None:
@@ -317,8 +341,13 @@ def main(
     extra = (["--cuda"] if cuda else []) + (["-j", str(threads)] if threads else [])
     extra += ["--out-shard-size", out_shard_size] if out_shard_size else []
     results: dict[str, list[Sample]] = {m: [] for m in methods}
-    with tempfile.TemporaryDirectory(prefix="pcb-bench-") as tmp, busy_loops(load):
-        tmp = Path(tmp)
+    limit = int(memory_cap * 2**30) if memory_cap else None
+    with contextlib.ExitStack() as stack:
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="pcb-bench-")))
+        stack.enter_context(busy_loops(load))
+        cgroup = MemoryCap(limit) if limit else None
+        if cgroup:
+            stack.callback(cgroup.close)
         configs = {
             m: write_config(tmp / f"{i}.yml", m, base, experts) for i, m in enumerate(methods)
         }
@@ -326,7 +355,7 @@ def main(
             for m in methods:
                 if any(s.returncode for s in results[m]):
                     continue  # killed or failed once: its result is that
-                sample = run_once(configs[m], tmp / "out", extra, cap, time_cap)
+                sample = run_once(configs[m], tmp / "out", extra, cap, time_cap, cgroup)
                 results[m].append(sample)
                 gpu = (
                     f", GPU {sample.gpu_peak_bytes / 2**30:.2f} GiB"
@@ -342,11 +371,12 @@ def main(
                 )
     command = " ".join(["mergekit-yaml --no-copy-tokenizer", *extra])
     beside = f", {load} busy loop(s) beside" if load else ""
+    beside += f", in a {memory_cap:g} GiB memory cgroup" if memory_cap else ""
     click.echo(
         f"\n{parameter_count(spec) / 1e6:.0f}M-parameter Llama, bf16, base + "
         f"{spec.n_experts} experts, median of {repeats}, {command}{beside}\n"
     )
-    click.echo(table(results, cap, time_cap))
+    click.echo(table(results, cap, time_cap, limit))
     anon = ", ".join(
         f"{m} {statistics.median(s.peak_anon_bytes for s in v) / 2**30:.2f} GiB"
         for m, v in results.items()

@@ -296,6 +296,10 @@ def test_buffers_reuse_small_ones_only(monkeypatch):
         assert runtime.buffer(runtime.Role.STORED_SCORES, 2000, torch.float32, cpu).data_ptr() == (
             kept.data_ptr()
         )
+        runtime.release(runtime.Role.STORED_SCORES)  # a phase over: freed, made afresh
+        assert runtime.buffer(runtime.Role.STORED_SCORES, 2000, torch.float32, cpu).data_ptr() != (
+            kept.data_ptr()
+        )
         huge = runtime.buffer(runtime.Role.STORED_SCORES, 2049, torch.float32, cpu)
         assert runtime.buffer(runtime.Role.STORED_SCORES, 2049, torch.float32, cpu).data_ptr() != (
             huge.data_ptr()

@@ -36,7 +36,7 @@ from mergekit_pcb import kernel
 from mergekit_pcb.evolve import inputs as inputs_mod
 from mergekit_pcb.evolve.inputs import InputRef
 from mergekit_pcb.evolve.layout import PlannedTensor
-from mergekit_pcb.kernel import known_cuts
+from mergekit_pcb.kernel import known_cuts, runtime
 from mergekit_pcb.parameters import PCB_RATIO
 
 META = "cache.json"
@@ -391,6 +391,7 @@ def build(
         tensors.append(entry)
         if progress:
             progress(1)
+    runtime.release(runtime.Role.STORED_SCORES)  # up to 512 MiB the candidates do not use
     cache = TensorCache(tensors, cache_dir, levels, device)
     if cache_dir is not None and all(t.arrays is None for t in tensors):
         cache_dir.mkdir(parents=True, exist_ok=True)

@@ -35,7 +35,7 @@ Modules, from the entry points down:
 - :mod:`.bindings` and :mod:`.loops`: the compiled CPU loops (numba, imported on
   the first CPU merge) for float32, and the torch-to-numpy calls into them.
 - :mod:`.streamed`: steps 1-11 read from the inputs in three passes.
-- :mod:`.recomputed`: the same for a tensor whose scores B would exceed 64 MB: B is
+- :mod:`.recomputed`: the same for a tensor whose scores B would exceed 512 MiB: B is
   made again in each pass that reads it, never stored (the same floats).
 - :mod:`.selection` and :mod:`.radix`: exact order statistics from chunks.
 - :mod:`.whole_model`: the statistics over all tensors of each model.

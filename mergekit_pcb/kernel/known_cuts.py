@@ -113,7 +113,8 @@ def statistics(
         if not stats.changed:
             return Statistics(kind, False)
         bounds = stats.bounds
-        score = buffer(Role.SCORES, n * d, torch.float32, "cpu").view(n, d)
+        # The merge's stored-B buffer, kept across tensors as there (up to its limit).
+        score = buffer(Role.STORED_SCORES, n * d, torch.float32, "cpu").view(n, d)
         clip = (bounds.low.contiguous(), bounds.high.contiguous())
         rows = (*clip, safe_span(*clip))
 

@@ -126,6 +126,14 @@ def buffer(role: Role, numel: int, dtype: torch.dtype, device: torch.device) -> 
     return held[:numel]
 
 
+def release(role: Role) -> None:
+    """Free this thread's buffer of ``role``: for a phase that is over (the search's
+    statistics), so that what comes after does not hold it."""
+    store: dict = _local.__dict__.get("buffers", {})
+    for key in [key for key in store if key[0] is role]:
+        del store[key]
+
+
 _state = threading.local()
 
 
