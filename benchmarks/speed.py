@@ -170,7 +170,7 @@ def run_once(
     process.returncode = os.waitstatus_to_exitcode(status)
     shutil.rmtree(out, ignore_errors=True)
     if process.returncode != 0:
-        if not killed:
+        if not killed and not (memory_cap and process.returncode == -signal.SIGKILL):
             click.echo(f"{' '.join(cmd)} failed:\n{stderr[-3000:]}", err=True)
         return Sample(wall, usage.ru_maxrss * 1024, None, process.returncode, bool(killed), peak[0])
     gpu_peak = int(gpu_file.read_text()) if gpu_file is not None else None
