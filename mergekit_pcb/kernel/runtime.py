@@ -17,7 +17,8 @@ first touch; reusing one buffer per :class:`Role` and thread avoids that. Only
 buffers up to :data:`MAX_BUFFER_BYTES` are kept (layer-sized tensors, merged by the
 hundred): holding the embedding-sized ones would raise the merge's peak memory.
 One role may keep more: the streamed path's stored B (:data:`MAX_STORED_SCORES_BYTES`),
-which a merge fills and reads for most layer tensors of a 3B-8B model.
+which a merge fills and reads for every layer tensor of a 3B model and the attention
+tensors of a 7B-8B one.
 mergekit's executors merge one tensor per thread at a time, so a role's holder is
 always done with it before the next tensor. On CUDA torch's caching allocator
 already reuses memory, so a buffer there is a plain allocation.
