@@ -23,7 +23,6 @@ class MemoryCap:
     in (run it as a child's ``preexec_fn``). Memory only: CPU is not limited."""
 
     def __init__(self, limit_bytes: int) -> None:
-        self.limit_bytes = limit_bytes
         name = f"mergekit-pcb-bench-{os.getpid()}"
         v2 = (_V2 / "cgroup.controllers").exists() and "memory" in (
             _V2 / "cgroup.subtree_control"
